@@ -1,0 +1,187 @@
+"""Per-class saliency maps and their cosine similarity matrix (the CSM of GGA).
+
+For an input x with logits z = F(x) over C classes, the saliency of class i is
+
+    s_i = sign(∇x CE(F(x), i)) = sign(Jᵀ (p − e_i)),   J = ∂z/∂x,  p = softmax(z)
+
+and the CSM holds c_ab = ⟨s_a, s_b⟩ / (|s_a| |s_b|) for the top-N classes by logit,
+predicted class first (Schwinn et al., UAI 2021, section 3; partial CSM: section 5.5).
+A zero saliency (a saturated softmax gives one) has cosine 0 with everything,
+including itself.
+
+The gradients are vector-Jacobian products with the cotangents (p − e_i), so the
+cross-entropy itself is never evaluated; three strategies compute them:
+
+- ``"loop"``: one forward pass, N backward passes over the retained graph.
+- ``"vmap"``: one forward pass, one batched backward (``is_grads_batched``).
+- ``"replicate"``: the batch repeated N times, one forward and one backward.
+
+All three give the same maps. ``"auto"`` picks ``"loop"`` on CPU (fastest there, see
+``benchmarks/bench_gga.py``) and ``"vmap"`` on accelerators.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+STRATEGIES = ("auto", "loop", "vmap", "replicate")
+CHANNEL_REDUCTIONS = (None, "max")
+RESCALE_TARGET = 10.0
+
+
+@dataclass(frozen=True)
+class CSMResult:
+    """``csm`` [B, N, N]; ``classes`` [B, N] (top-N by logit, predicted first); ``logits`` [B, C]."""
+
+    csm: torch.Tensor
+    classes: torch.Tensor
+    logits: torch.Tensor
+
+    @property
+    def top_n(self) -> int:
+        return self.classes.shape[1]
+
+
+def cosine_similarity_matrix(s: torch.Tensor) -> torch.Tensor:
+    """Pairwise cosine similarity of N vectors per sample.
+
+    ``s``: [B, N, *] (trailing dims are flattened). Returns [B, N, N] float32 with
+    c_ab = ⟨s_a, s_b⟩ / sqrt(⟨s_a, s_a⟩ ⟨s_b, s_b⟩), and 0 wherever either vector is
+    zero. For sign vectors the Gram matrix is an exact integer count (float32 holds
+    integers up to 2^24 exactly) and the division is done in float64, so the diagonal
+    is exactly 1 for every non-zero saliency.
+    """
+    flat = s.flatten(2)
+    if not flat.is_floating_point():
+        flat = flat.float()
+    gram = torch.bmm(flat, flat.transpose(1, 2)).double()
+    sq = torch.diagonal(gram, dim1=1, dim2=2)
+    denom = torch.sqrt(sq[:, :, None] * sq[:, None, :])
+    out = torch.where(denom > 0, gram / torch.where(denom > 0, denom, 1.0), 0.0)
+    return out.float()
+
+
+def resolve_strategy(strategy: str, device: torch.device) -> str:
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if strategy == "auto":
+        return "loop" if device.type == "cpu" else "vmap"
+    return strategy
+
+
+def _rescale(z: torch.Tensor) -> torch.Tensor:
+    """Scale each sample's logits so that max |z| = 10 (an option of the official code)."""
+    peak = z.abs().amax(dim=1, keepdim=True)
+    return z * (RESCALE_TARGET / torch.where(peak > 0, peak, 1.0))
+
+
+def _cotangents(z: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """(p − e_i) for each analysed class: [N, B, C]."""
+    p = torch.softmax(z.detach(), dim=1)
+    cot = p.unsqueeze(0).repeat(classes.shape[1], 1, 1)
+    rows = torch.arange(z.shape[0], device=z.device)
+    for j in range(classes.shape[1]):
+        cot[j, rows, classes[:, j]] -= 1.0
+    return cot
+
+
+def _reduce_channels(sign: torch.Tensor, channel_reduce: str | None) -> torch.Tensor:
+    """``sign``: [N, B, *input_shape]. Max over the channel axis (dim 2) when asked."""
+    if channel_reduce is None:
+        return sign
+    return sign.amax(dim=2)
+
+
+def cosine_similarity_maps(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    top_n: int | None = None,
+    *,
+    channel_reduce: str | None = None,
+    rescale_logits: bool = False,
+    strategy: str = "auto",
+) -> CSMResult:
+    """The CSM of each sample in ``x`` for its top-N classes.
+
+    ``x``: [B, *input_shape] on the model's device (images B×C×H×W, series B×C×T or
+    vectors B×D). ``top_n=None`` analyses all C classes; ``top_n < 3`` is rejected
+    (S1 would be empty). ``channel_reduce="max"`` takes the max of the sign maps over
+    the channel axis (dim 1 of the input) before the cosine; ``rescale_logits`` scales
+    logits to max |z| = 10 before the loss. Both are options of the official code and
+    off by default.
+
+    No gradient reaches the model's parameters (``.grad`` is left untouched), no graph
+    outlives the call and the model's train/eval mode is not changed; put the model in
+    eval mode yourself (batch-norm statistics in train mode couple the samples).
+    """
+    if top_n is not None and (not isinstance(top_n, int) or top_n < 3):
+        raise ValueError(
+            f"top_n must be an integer >= 3 (S1 needs two non-predicted classes) or None for all "
+            f"classes, got {top_n!r}"
+        )
+    if channel_reduce not in CHANNEL_REDUCTIONS:
+        raise ValueError(f"channel_reduce must be one of {CHANNEL_REDUCTIONS}, got {channel_reduce!r}")
+    if channel_reduce is not None and x.dim() < 3:
+        raise ValueError(
+            f"channel_reduce={channel_reduce!r} needs inputs with a channel axis (B, C, ...), "
+            f"got shape {tuple(x.shape)}"
+        )
+    if x.dim() < 2 or x.shape[0] == 0:
+        raise ValueError(f"x must be a non-empty batch [B, *input_shape], got shape {tuple(x.shape)}")
+    mode = resolve_strategy(strategy, x.device)
+
+    with torch.inference_mode(False), torch.enable_grad():
+        x = x.detach().clone().requires_grad_(True)
+        if mode == "replicate":
+            return _replicate(model, x, top_n, channel_reduce, rescale_logits)
+        z = model(x)
+        if z.dim() != 2:
+            raise ValueError(f"the model must return logits [B, C], got shape {tuple(z.shape)}")
+        n = _check_top_n(top_n, z.shape[1])
+        logits = z.detach()
+        classes = torch.topk(logits, n, dim=1).indices
+        if rescale_logits:
+            z = _rescale(z)
+        cot = _cotangents(z, classes)
+        if mode == "vmap":
+            (grads,) = torch.autograd.grad(z, x, grad_outputs=cot, is_grads_batched=True)
+            signs = torch.sign(grads)
+        else:
+            signs = torch.empty((n, *x.shape), dtype=x.dtype, device=x.device)
+            for j in range(n):
+                (g,) = torch.autograd.grad(z, x, grad_outputs=cot[j], retain_graph=j < n - 1)
+                torch.sign(g, out=signs[j])
+    signs = _reduce_channels(signs, channel_reduce).transpose(0, 1)
+    return CSMResult(cosine_similarity_matrix(signs), classes, logits)
+
+
+def _check_top_n(top_n: int | None, num_classes: int) -> int:
+    if top_n is None:
+        if num_classes < 3:
+            raise ValueError(f"GGA needs at least 3 classes, the model has {num_classes}")
+        return num_classes
+    if top_n > num_classes:
+        raise ValueError(f"top_n={top_n} exceeds the model's {num_classes} classes")
+    return top_n
+
+
+def _replicate(model, x, top_n, channel_reduce, rescale_logits) -> CSMResult:
+    with torch.no_grad():
+        z0 = model(x[:1].detach())
+    if z0.dim() != 2:
+        raise ValueError(f"the model must return logits [B, C], got shape {tuple(z0.shape)}")
+    n = _check_top_n(top_n, z0.shape[1])
+    b = x.shape[0]
+    xr = x.detach().repeat(n, *([1] * (x.dim() - 1))).requires_grad_(True)
+    z = model(xr)
+    logits = z[:b].detach()
+    classes = torch.topk(logits, n, dim=1).indices
+    if rescale_logits:
+        z = _rescale(z)
+    cot = _cotangents(z[:b], classes).reshape(n * b, -1)
+    (g,) = torch.autograd.grad(z, xr, grad_outputs=cot)
+    signs = torch.sign(g).reshape(n, *x.shape)
+    signs = _reduce_channels(signs, channel_reduce).transpose(0, 1)
+    return CSMResult(cosine_similarity_matrix(signs), classes, logits)

@@ -1,0 +1,302 @@
+"""The GGA detector: CSM features → LODA → conformal trust (Schwinn et al., UAI 2021).
+
+fit: CSM features of the correctly classified samples only; a seeded split into a LODA
+part and a calibration part; features are standardised with the LODA part's mean and
+std (LODA mixes features in its projections, so their scales matter).
+score: per sample the predicted class, its softmax confidence, the top-N classes, the
+raw LODA score (higher = more anomalous), trust = conformal p-value against the
+calibration scores, and ``flagged = trust < alpha``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Self
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from detectors.calibration import conformal_p_values, conformal_threshold
+from detectors.csm import CHANNEL_REDUCTIONS, STRATEGIES, cosine_similarity_maps
+from detectors.features import feature_names, gga_features
+from detectors.fingerprint import model_fingerprint
+from detectors.loda import LODA
+
+FORMAT_VERSION = 1
+TENSORS_FILE = "detector.safetensors"
+META_FILE = "detector.json"
+
+
+class FingerprintMismatchError(ValueError):
+    """The detector was fitted for a model with other weights."""
+
+
+@dataclass(frozen=True)
+class GGAConfig:
+    top_n: int | None = None
+    alpha: float = 0.05
+    n_bins: int = 100
+    n_projections: int = 100
+    seed: int = 0
+    channel_reduce: str | None = None
+    rescale_logits: bool = False
+    include_softmax: bool = False
+    calibration_fraction: float = 0.3
+    standardize: bool = True
+    floor_count: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.top_n is not None and (not isinstance(self.top_n, int) or self.top_n < 3):
+            raise ValueError(f"top_n must be None (all classes) or an integer >= 3, got {self.top_n!r}")
+        if not 0 < self.alpha < 1:
+            raise ValueError(f"alpha must be in (0, 1), e.g. 0.05; got {self.alpha!r}")
+        if not 0 < self.calibration_fraction < 1:
+            raise ValueError(
+                f"calibration_fraction must be in (0, 1), e.g. 0.3; got {self.calibration_fraction!r}"
+            )
+        if self.channel_reduce not in CHANNEL_REDUCTIONS:
+            raise ValueError(f"channel_reduce must be one of {CHANNEL_REDUCTIONS}, got {self.channel_reduce!r}")
+        LODA(self.n_projections, self.n_bins, self.seed, self.floor_count)  # validates those
+
+
+@dataclass
+class FitStats:
+    n_samples: int
+    n_correct: int
+    model_accuracy: float
+    n_fit: int
+    n_calibration: int
+    threshold: float
+    seconds: float
+
+
+@dataclass
+class GGAScores:
+    """Per-sample results, CPU tensors of length B."""
+
+    label: torch.Tensor  # int64 [B], predicted class
+    confidence: torch.Tensor  # float32 [B], softmax probability of the predicted class
+    top_classes: torch.Tensor  # int64 [B, N]
+    score: torch.Tensor  # float64 [B], LODA score, higher = more anomalous
+    trust: torch.Tensor  # float64 [B], conformal p-value in (0, 1]
+    flagged: torch.Tensor  # bool [B], trust < alpha
+    features: torch.Tensor  # float32 [B, 10 or 11]
+    csm: torch.Tensor | None = field(default=None)  # float32 [B, N, N] when asked for
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
+    return torch.device("cpu")
+
+
+class GGADetector:
+    """Geometric Gradient Analysis detector for a fixed classifier.
+
+    ``GGADetector(model, top_n=None, alpha=0.05, n_bins=100, n_projections=100, seed=0,
+    channel_reduce=None, rescale_logits=False, include_softmax=False,
+    calibration_fraction=0.3, standardize=True, strategy="auto")``
+    """
+
+    def __init__(self, model: torch.nn.Module, top_n: int | None = None, alpha: float = 0.05,
+                 n_bins: int = 100, n_projections: int = 100, seed: int = 0, *,
+                 channel_reduce: str | None = None, rescale_logits: bool = False,
+                 include_softmax: bool = False, calibration_fraction: float = 0.3,
+                 standardize: bool = True, floor_count: float = 0.01, strategy: str = "auto") -> None:
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        self.model = model
+        self.config = GGAConfig(top_n, alpha, n_bins, n_projections, seed, channel_reduce,
+                                rescale_logits, include_softmax, calibration_fraction, standardize,
+                                floor_count)
+        self.strategy = strategy
+        self.loda: LODA | None = None
+        self.feature_mean: torch.Tensor | None = None
+        self.feature_std: torch.Tensor | None = None
+        self.calibration_scores: torch.Tensor | None = None
+        self.fit_stats: FitStats | None = None
+        self.model_fingerprint: str | None = None
+
+    @property
+    def fitted(self) -> bool:
+        return self.loda is not None
+
+    @property
+    def alpha(self) -> float:
+        return self.config.alpha
+
+    @property
+    def threshold(self) -> float:
+        self._check_fitted()
+        return conformal_threshold(self.calibration_scores, self.config.alpha)
+
+    def csm(self, x: torch.Tensor):
+        c = self.config
+        return cosine_similarity_maps(self.model, x.to(_device_of(self.model)), c.top_n,
+                                      channel_reduce=c.channel_reduce, rescale_logits=c.rescale_logits,
+                                      strategy=self.strategy)
+
+    def features(self, x: torch.Tensor, batch_size: int = 256,
+                 progress: Callable[[int, int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """GGA features [B, d] and predicted labels [B] for x, computed in batches (CPU tensors)."""
+        feats, labels = [], []
+        for start in range(0, len(x), batch_size):
+            res = self.csm(x[start:start + batch_size])
+            feats.append(gga_features(res, self.config.include_softmax).cpu())
+            labels.append(res.classes[:, 0].cpu())
+            if progress is not None:
+                progress(min(start + batch_size, len(x)), len(x))
+        return torch.cat(feats), torch.cat(labels)
+
+    def fit(self, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256,
+            progress: Callable[[int, int], None] | None = None) -> Self:
+        """Fit on labelled in-distribution data x [n, *input_shape], y [n]; returns self.
+
+        Only correctly classified samples are used. ``progress(done, total)`` is called
+        after each batch. Raises ValueError when fewer than 20 samples are correctly
+        classified or either split would be too small.
+        """
+        t0 = time.perf_counter()
+        x, y = torch.as_tensor(x), torch.as_tensor(y).long().cpu()
+        if x.dim() < 2 or len(x) != len(y):
+            raise ValueError(f"x [n, ...] and y [n] must have the same length, got {tuple(x.shape)} and "
+                             f"{tuple(y.shape)}")
+        if not torch.isfinite(x).all():
+            raise ValueError("x contains NaN or inf")
+        feats, pred = self.features(x, batch_size, progress)
+        correct = pred == y
+        n_correct = int(correct.sum())
+        if n_correct < 20:
+            raise ValueError(f"only {n_correct} of {len(y)} samples are classified correctly; "
+                             "GGA needs at least 20 correctly classified samples to fit")
+        good = feats[correct].double()
+        perm = torch.randperm(n_correct, generator=torch.Generator().manual_seed(self.config.seed))
+        n_cal = max(1, round(n_correct * self.config.calibration_fraction))
+        n_fit = n_correct - n_cal
+        if n_fit < 10:
+            raise ValueError(f"only {n_fit} samples left to fit LODA; pass more data")
+        fit_part, cal_part = good[perm[:n_fit]], good[perm[n_fit:]]
+        if self.config.standardize:
+            mean, std = fit_part.mean(dim=0), fit_part.std(dim=0)
+            std = torch.where(std > 0, std, torch.ones_like(std))
+        else:
+            mean = torch.zeros(good.shape[1], dtype=torch.float64)
+            std = torch.ones(good.shape[1], dtype=torch.float64)
+        c = self.config
+        loda = LODA(c.n_projections, c.n_bins, c.seed, c.floor_count).fit((fit_part - mean) / std)
+        self.loda, self.feature_mean, self.feature_std = loda, mean, std
+        self.calibration_scores = torch.sort(loda.score((cal_part - mean) / std)).values
+        self.model_fingerprint = model_fingerprint(self.model)
+        self.fit_stats = FitStats(
+            n_samples=len(y), n_correct=n_correct, model_accuracy=n_correct / len(y), n_fit=n_fit,
+            n_calibration=n_cal, threshold=self.threshold, seconds=round(time.perf_counter() - t0, 3),
+        )
+        return self
+
+    def score_features(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """LODA score and trust for precomputed features [B, d] (float64 CPU tensors)."""
+        self._check_fitted()
+        z = (feats.double().cpu() - self.feature_mean) / self.feature_std
+        s = self.loda.score(z)
+        return s, conformal_p_values(s, self.calibration_scores)
+
+    def score(self, x: torch.Tensor, return_csm: bool = False, batch_size: int | None = None) -> GGAScores:
+        """Score a batch x [B, *input_shape]; see :class:`GGAScores`."""
+        self._check_fitted()
+        x = torch.as_tensor(x)
+        parts = []
+        step = batch_size or max(len(x), 1)
+        for start in range(0, len(x), step):
+            res = self.csm(x[start:start + step])
+            feats = gga_features(res, self.config.include_softmax).cpu()
+            s, trust = self.score_features(feats)
+            probs = torch.softmax(res.logits.float(), dim=1).cpu()
+            classes = res.classes.cpu()
+            parts.append(GGAScores(
+                label=classes[:, 0], confidence=probs.gather(1, classes[:, :1])[:, 0], top_classes=classes,
+                score=s, trust=trust, flagged=trust < self.config.alpha, features=feats,
+                csm=res.csm.cpu() if return_csm else None,
+            ))
+        if len(parts) == 1:
+            return parts[0]
+        return GGAScores(**{
+            f: (torch.cat([getattr(p, f) for p in parts]) if getattr(parts[0], f) is not None else None)
+            for f in GGAScores.__dataclass_fields__
+        })
+
+    def _check_fitted(self) -> None:
+        if self.loda is None:
+            raise RuntimeError("the detector is not fitted: call fit(x, y) or GGADetector.load(directory, model)")
+
+    # persistence -------------------------------------------------------------------------
+
+    def metadata(self) -> dict:
+        self._check_fitted()
+        return {
+            "format_version": FORMAT_VERSION,
+            "config": asdict(self.config),
+            "loda": self.loda.config(),
+            "feature_names": list(feature_names(self.config.include_softmax)),
+            "model_fingerprint": self.model_fingerprint,
+            "fit": asdict(self.fit_stats),
+        }
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``detector.safetensors`` and ``detector.json`` into ``directory`` (fsynced)."""
+        self._check_fitted()
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {f"loda.{k}": v for k, v in self.loda.state_dict().items()}
+        tensors.update(feature_mean=self.feature_mean.contiguous(), feature_std=self.feature_std.contiguous(),
+                       calibration_scores=self.calibration_scores.contiguous())
+        save_file(tensors, str(directory / TENSORS_FILE))
+        meta = self.metadata()
+        meta["threshold"] = meta["fit"]["threshold"] if math.isfinite(meta["fit"]["threshold"]) else None
+        (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        for name in (TENSORS_FILE, META_FILE):
+            fd = os.open(directory / name, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, model: torch.nn.Module, *, strategy: str = "auto",
+             check_fingerprint: bool = True) -> GGADetector:
+        """Load a saved detector for ``model``; refuses one fitted for other weights."""
+        directory = Path(directory)
+        meta_path, tensor_path = directory / META_FILE, directory / TENSORS_FILE
+        if not meta_path.exists() or not tensor_path.exists():
+            raise FileNotFoundError(f"{directory} holds no saved detector ({META_FILE} + {TENSORS_FILE})")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{directory}: detector format version {meta.get('format_version')!r} is not "
+                             f"supported (this code reads version {FORMAT_VERSION})")
+        if check_fingerprint:
+            actual = model_fingerprint(model)
+            if meta["model_fingerprint"] != actual:
+                raise FingerprintMismatchError(
+                    f"the detector in {directory} was fitted for another model (weights fingerprint "
+                    f"{meta['model_fingerprint'][:12]}…, this model has {actual[:12]}…); fit a new detector "
+                    "for this model"
+                )
+        det = cls(model, **meta["config"], strategy=strategy)
+        tensors = load_file(str(tensor_path))
+        loda = LODA(**meta["loda"])
+        loda.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("loda.")})
+        det.loda = loda
+        det.feature_mean = tensors["feature_mean"].double()
+        det.feature_std = tensors["feature_std"].double()
+        det.calibration_scores = tensors["calibration_scores"].double()
+        det.model_fingerprint = meta["model_fingerprint"]
+        det.fit_stats = FitStats(**meta["fit"])
+        return det
