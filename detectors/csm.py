@@ -22,6 +22,7 @@ All three give the same maps. ``"auto"`` picks ``"loop"`` on CPU (fastest there,
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -102,6 +103,7 @@ def cosine_similarity_maps(
     channel_reduce: str | None = None,
     rescale_logits: bool = False,
     strategy: str = "auto",
+    timings: dict[str, float] | None = None,
 ) -> CSMResult:
     """The CSM of each sample in ``x`` for its top-N classes.
 
@@ -115,6 +117,9 @@ def cosine_similarity_maps(
     No gradient reaches the model's parameters (``.grad`` is left untouched), no graph
     outlives the call and the model's train/eval mode is not changed; put the model in
     eval mode yourself (batch-norm statistics in train mode couple the samples).
+
+    ``timings``, when given, receives the seconds spent in ``"forward"`` and in
+    ``"gradients"`` (backward passes, signs and cosines).
     """
     if top_n is not None and (not isinstance(top_n, int) or top_n < 3):
         raise ValueError(
@@ -132,11 +137,13 @@ def cosine_similarity_maps(
         raise ValueError(f"x must be a non-empty batch [B, *input_shape], got shape {tuple(x.shape)}")
     mode = resolve_strategy(strategy, x.device)
 
+    clock = _Stopwatch(timings, x.device)
     with torch.inference_mode(False), torch.enable_grad():
         x = x.detach().clone().requires_grad_(True)
         if mode == "replicate":
-            return _replicate(model, x, top_n, channel_reduce, rescale_logits)
+            return _replicate(model, x, top_n, channel_reduce, rescale_logits, clock)
         z = model(x)
+        clock.lap("forward")
         if z.dim() != 2:
             raise ValueError(f"the model must return logits [B, C], got shape {tuple(z.shape)}")
         n = _check_top_n(top_n, z.shape[1])
@@ -154,7 +161,26 @@ def cosine_similarity_maps(
                 (g,) = torch.autograd.grad(z, x, grad_outputs=cot[j], retain_graph=j < n - 1)
                 torch.sign(g, out=signs[j])
     signs = _reduce_channels(signs, channel_reduce).transpose(0, 1)
-    return CSMResult(cosine_similarity_matrix(signs), classes, logits)
+    csm = cosine_similarity_matrix(signs)
+    clock.lap("gradients")
+    return CSMResult(csm, classes, logits)
+
+
+class _Stopwatch:
+    """Adds elapsed seconds per stage into ``sink`` (no-op when sink is None)."""
+
+    def __init__(self, sink: dict[str, float] | None, device: torch.device) -> None:
+        self.sink, self.cuda = sink, device.type == "cuda"
+        self.t = time.perf_counter() if sink is not None else 0.0
+
+    def lap(self, stage: str) -> None:
+        if self.sink is None:
+            return
+        if self.cuda:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.sink[stage] = self.sink.get(stage, 0.0) + now - self.t
+        self.t = now
 
 
 def _check_top_n(top_n: int | None, num_classes: int) -> int:
@@ -167,7 +193,7 @@ def _check_top_n(top_n: int | None, num_classes: int) -> int:
     return top_n
 
 
-def _replicate(model, x, top_n, channel_reduce, rescale_logits) -> CSMResult:
+def _replicate(model, x, top_n, channel_reduce, rescale_logits, clock) -> CSMResult:
     with torch.no_grad():
         z0 = model(x[:1].detach())
     if z0.dim() != 2:
@@ -176,6 +202,7 @@ def _replicate(model, x, top_n, channel_reduce, rescale_logits) -> CSMResult:
     b = x.shape[0]
     xr = x.detach().repeat(n, *([1] * (x.dim() - 1))).requires_grad_(True)
     z = model(xr)
+    clock.lap("forward")
     logits = z[:b].detach()
     classes = torch.topk(logits, n, dim=1).indices
     if rescale_logits:
@@ -184,4 +211,6 @@ def _replicate(model, x, top_n, channel_reduce, rescale_logits) -> CSMResult:
     (g,) = torch.autograd.grad(z, xr, grad_outputs=cot)
     signs = torch.sign(g).reshape(n, *x.shape)
     signs = _reduce_channels(signs, channel_reduce).transpose(0, 1)
-    return CSMResult(cosine_similarity_matrix(signs), classes, logits)
+    csm = cosine_similarity_matrix(signs)
+    clock.lap("gradients")
+    return CSMResult(csm, classes, logits)

@@ -138,11 +138,11 @@ class GGADetector:
         self._check_fitted()
         return conformal_threshold(self.calibration_scores, self.config.alpha)
 
-    def csm(self, x: torch.Tensor):
+    def csm(self, x: torch.Tensor, timings: dict[str, float] | None = None):
         c = self.config
         return cosine_similarity_maps(self.model, x.to(_device_of(self.model)), c.top_n,
                                       channel_reduce=c.channel_reduce, rescale_logits=c.rescale_logits,
-                                      strategy=self.strategy)
+                                      strategy=self.strategy, timings=timings)
 
     def features(self, x: torch.Tensor, batch_size: int = 256,
                  progress: Callable[[int, int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,16 +208,26 @@ class GGADetector:
         s = self.loda.score(z)
         return s, conformal_p_values(s, self.calibration_scores)
 
-    def score(self, x: torch.Tensor, return_csm: bool = False, batch_size: int | None = None) -> GGAScores:
-        """Score a batch x [B, *input_shape]; see :class:`GGAScores`."""
+    def score(self, x: torch.Tensor, return_csm: bool = False, batch_size: int | None = None,
+              timings: dict[str, float] | None = None) -> GGAScores:
+        """Score a batch x [B, *input_shape]; see :class:`GGAScores`.
+
+        ``timings``, when given, accumulates seconds per stage: forward, gradients,
+        features, score.
+        """
         self._check_fitted()
         x = torch.as_tensor(x)
         parts = []
         step = batch_size or max(len(x), 1)
         for start in range(0, len(x), step):
-            res = self.csm(x[start:start + step])
+            res = self.csm(x[start:start + step], timings)
+            t0 = time.perf_counter()
             feats = gga_features(res, self.config.include_softmax).cpu()
+            t1 = time.perf_counter()
             s, trust = self.score_features(feats)
+            if timings is not None:
+                timings["features"] = timings.get("features", 0.0) + t1 - t0
+                timings["score"] = timings.get("score", 0.0) + time.perf_counter() - t1
             probs = torch.softmax(res.logits.float(), dim=1).cpu()
             classes = res.classes.cpu()
             parts.append(GGAScores(

@@ -1,7 +1,7 @@
 """Built-in architectures (no weights inside; weights are loaded from safetensors)."""
 
-from detectors.zoo.mnist_cnn import MnistCNN
 from detectors.zoo.cifar_resnet import CifarResNet, resnet20, resnet56
+from detectors.zoo.mnist_cnn import MnistCNN
 
 ARCHITECTURES = {
     "mnist_cnn": MnistCNN,

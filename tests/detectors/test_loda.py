@@ -19,7 +19,7 @@ def _bruteforce_scores(loda: LODA, X_fit: np.ndarray, X: np.ndarray) -> np.ndarr
         width = (hi - lo) / loda.n_bins
         edges = [lo + b * width for b in range(loda.n_bins + 1)]
 
-        def bin_of(v):
+        def bin_of(v, lo=lo, hi=hi, edges=edges):
             if v < lo or v > hi:
                 return None
             for b in range(loda.n_bins):

@@ -1,0 +1,123 @@
+"""The FastAPI application: ``create_app(settings)``.
+
+The lifespan owns every resource: it loads the model and the newest valid detector,
+starts the compute worker thread (the dynamic batcher) and releases all of it in
+``finally``. Everything lives on ``app.state``; nothing reads the environment at import.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import asynccontextmanager
+
+import torch
+from fastapi import FastAPI, Request
+from prometheus_client import CollectorRegistry
+
+from detectors.fingerprint import model_fingerprint
+from detectors.gga import GGADetector
+from service.artifacts import BUNDLED_VERSION, ArtifactStore
+from service.batcher import DynamicBatcher
+from service.errors import install_error_handlers
+from service.fitjobs import FitJobManager
+from service.metrics import ServiceMetrics
+from service.models import load_model
+from service.routes import router
+from service.settings import DEFAULT_MODEL_DIR, Settings
+from service.worker import DetectorSlot, PredictWorker
+
+log = logging.getLogger("service")
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("GGA_DEVICE=cuda but no CUDA device is available (use auto or cpu)")
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice)
+
+
+def _initial_detector(model: torch.nn.Module, store: ArtifactStore) -> tuple[GGADetector | None, str | None]:
+    found = store.load_newest(model)
+    if found is not None:
+        return found
+    bundled = DEFAULT_MODEL_DIR / "detector"
+    if bundled.exists():
+        try:
+            return GGADetector.load(bundled, model), BUNDLED_VERSION
+        except ValueError as exc:  # fitted for another model: serve without a detector until /fit
+            log.info("bundled detector not used: %s", exc)
+    return None, None
+
+
+def create_app(settings: Settings | None = None, registry: CollectorRegistry | None = None) -> FastAPI:
+    settings = settings or Settings()
+    registry = registry if registry is not None else CollectorRegistry()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        batcher = fits = None
+        try:
+            if settings.torch_threads:
+                torch.set_num_threads(settings.torch_threads)
+            device = resolve_device(settings.device)
+            model, card = load_model(settings, device)
+            fingerprint = model_fingerprint(model)
+            store = ArtifactStore(settings.artifact_dir, fingerprint)
+            detector, version = _initial_detector(model, store)
+            metrics = ServiceMetrics(registry)
+            slot = DetectorSlot(detector, version)
+            if version is not None:
+                metrics.set_detector_version(version)
+            worker = PredictWorker(slot, card, metrics, device, settings.alpha)
+            batcher = DynamicBatcher(
+                worker.compute, max_batch_rows=settings.max_batch_rows,
+                max_delay_s=settings.max_delay_ms / 1000.0,
+                max_queue_rows=max(settings.max_queue_rows, settings.max_batch_rows),
+                timeout_s=max(settings.request_timeout_s, settings.max_delay_ms / 1000.0 + 1e-3),
+                on_batch=worker.on_batch,
+            )
+            fits = FitJobManager(model, device, store, slot, metrics, top_n=settings.top_n,
+                                 batch_size=settings.fit_batch_size, on_swap=metrics.set_detector_version)
+            app.state.__dict__.update(
+                settings=settings, registry=registry, metrics=metrics, model=model, card=card, device=device,
+                fingerprint=fingerprint, store=store, slot=slot, worker=worker, batcher=batcher, fits=fits,
+            )
+            if detector is not None:  # warm-up: the first request should not pay for lazy init
+                detector.score(torch.zeros((1, *card.input_shape), device=device))
+            batcher.start()
+            app.state.ready = True
+            log.info("serving %s on %s, detector %s", card.name, device, version)
+            yield
+        finally:
+            app.state.ready = False
+            if batcher is not None:
+                await batcher.astop()
+            if fits is not None:
+                fits.close()
+
+    app = FastAPI(
+        title="GGA trust service",
+        version="0.1.0",
+        description="Serves a PyTorch classifier and flags untrustworthy predictions (out-of-distribution "
+        "inputs, adversarial examples) with Geometric Gradient Analysis (Schwinn et al., UAI 2021).",
+        lifespan=lifespan,
+    )
+    app.state.ready = False
+    install_error_handlers(app)
+    app.include_router(router)
+
+    @app.middleware("http")
+    async def _count_requests(request: Request, call_next):
+        t0 = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        label = getattr(route, "path", None) or "unmatched"
+        m = getattr(request.app.state, "metrics", None)
+        if m is not None:
+            m.requests.labels(route=label, status=str(response.status_code)).inc()
+            m.request_seconds.labels(route=label).observe(time.perf_counter() - t0)
+        return response
+
+    return app

@@ -1,0 +1,75 @@
+"""Versioned detector artifacts on disk.
+
+Layout: ``<artifact_dir>/<model fingerprint, 16 hex>/v<NNNN>/`` holding the files of
+``GGADetector.save``. A new version is written under a temporary name in the same
+folder, fsynced, then renamed into place (rename is atomic on POSIX), so a crash never
+leaves a half-written version behind a valid name. On startup the newest version that
+loads for the served model wins; without one, the bundled detector (version ``v0``) is
+used when it matches the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+
+from detectors.gga import GGADetector
+
+log = logging.getLogger("service.artifacts")
+_VERSION_RE = re.compile(r"^v(\d{4,})$")
+BUNDLED_VERSION = "v0"
+
+
+class ArtifactStore:
+    def __init__(self, root: Path, fingerprint: str) -> None:
+        self.root = Path(root)
+        self.dir = self.root / fingerprint[:16]
+
+    def versions(self) -> list[tuple[int, Path]]:
+        if not self.dir.is_dir():
+            return []
+        found = []
+        for p in self.dir.iterdir():
+            m = _VERSION_RE.match(p.name)
+            if m and p.is_dir():
+                found.append((int(m.group(1)), p))
+        return sorted(found)
+
+    def load_newest(self, model: torch.nn.Module) -> tuple[GGADetector, str] | None:
+        """The newest version that loads for ``model`` (skipping broken ones), or None."""
+        for number, path in reversed(self.versions()):
+            try:
+                return GGADetector.load(path, model), f"v{number}"
+            except Exception as exc:  # noqa: BLE001 - a broken version must not stop the service
+                log.warning("skipping detector artifact %s: %s", path, exc)
+        return None
+
+    def save_new(self, detector: GGADetector) -> tuple[str, Path]:
+        """Persist ``detector`` as the next version; returns (version, path)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        existing = self.versions()
+        number = (existing[-1][0] + 1) if existing else 1
+        tmp = self.dir / f".tmp-{uuid.uuid4().hex}"
+        try:
+            detector.save(tmp)
+            final = self.dir / f"v{number:04d}"
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _fsync_dir(self.dir)
+        return f"v{number}", final
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

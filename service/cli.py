@@ -1,0 +1,32 @@
+"""``gga-serve``: start the service with uvicorn.
+
+Settings come from ``GGA_*`` environment variables; ``--host``/``--port`` override
+them. With no configuration it serves the bundled reference MNIST CNN and its detector.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import uvicorn
+
+from service.app import create_app
+from service.settings import Settings
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="gga-serve", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--host", help="bind address (GGA_HOST, default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (GGA_PORT, default 8000)")
+    args = p.parse_args(argv)
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    settings = Settings(**overrides)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
+                timeout_graceful_shutdown=10)
+
+
+if __name__ == "__main__":
+    main()

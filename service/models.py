@@ -1,0 +1,152 @@
+"""Loading the served classifier and its model card.
+
+Three ways to name a model (``GGA_MODEL``):
+
+- a built-in architecture (``mnist_cnn``, ``cifar_resnet20``, ``cifar_resnet56``) plus
+  weights (``GGA_MODEL_WEIGHTS``: safetensors, or a plain state-dict checkpoint read
+  with ``torch.load(weights_only=True)``; a ``module.`` prefix is stripped);
+- ``torchscript:<path>``: a TorchScript archive;
+- ``factory:<package.module>:<function>``: a function returning an ``nn.Module``, plus
+  safetensors weights.
+
+Whole pickled models are never loaded. Each model comes with a card: input shape and
+class names at least.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from detectors.zoo import ARCHITECTURES
+from service.settings import DEFAULT_MODEL_DIR, Settings
+
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+BUILTIN_CARDS = {
+    "cifar_resnet20": {
+        "name": "cifar_resnet20", "input_shape": [3, 32, 32], "class_names": CIFAR10_CLASSES,
+        "preprocessing": "RGB pixels in [0, 1], NCHW; ImageNet mean/std normalisation happens inside the model",
+    },
+    "cifar_resnet56": {
+        "name": "cifar_resnet56", "input_shape": [3, 32, 32], "class_names": CIFAR10_CLASSES,
+        "preprocessing": "RGB pixels in [0, 1], NCHW; ImageNet mean/std normalisation happens inside the model",
+    },
+}
+
+
+class ModelLoadError(RuntimeError):
+    """The configured model cannot be loaded (the message says what to fix)."""
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    name: str
+    input_shape: tuple[int, ...]
+    class_names: list[str]
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str) -> ModelCard:
+        try:
+            shape = tuple(int(v) for v in d["input_shape"])
+            names = [str(c) for c in d["class_names"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelLoadError(f"model card {source} needs 'input_shape' (list of ints) and "
+                                 f"'class_names' (list of strings): {exc}") from exc
+        if not shape or any(v < 1 for v in shape):
+            raise ModelLoadError(f"model card {source}: input_shape must be positive ints, got {shape}")
+        if len(names) < 3:
+            raise ModelLoadError(f"model card {source}: GGA needs at least 3 classes, got {len(names)}")
+        extra = {k: v for k, v in d.items() if k not in ("input_shape", "class_names", "name")}
+        return cls(name=str(d.get("name", source)), input_shape=shape, class_names=names, extra=extra)
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Weights from safetensors, or from a state-dict checkpoint (never a pickled model)."""
+    if not path.exists():
+        raise ModelLoadError(f"weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not a plain state dict"
+        raise ModelLoadError(f"{path} is neither safetensors nor a plain state-dict checkpoint "
+                             f"loadable with weights_only=True: {exc}") from exc
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ModelLoadError(f"{path} does not hold a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def _load_card(settings: Settings, default: dict | None, weights: Path | None) -> ModelCard:
+    path = settings.model_card
+    if path is None and weights is not None and (weights.parent / "model_card.json").exists():
+        path = weights.parent / "model_card.json"
+    if path is not None:
+        if not path.exists():
+            raise ModelLoadError(f"model card {path} does not exist")
+        return ModelCard.from_dict(json.loads(path.read_text()), str(path))
+    if default is not None:
+        return ModelCard.from_dict(default, default["name"])
+    raise ModelLoadError("this model needs a model card: set GGA_MODEL_CARD to a JSON file with "
+                         "'input_shape' and 'class_names'")
+
+
+def load_model(settings: Settings, device: torch.device) -> tuple[torch.nn.Module, ModelCard]:
+    """The model in eval mode on ``device``, with its card."""
+    spec = settings.model
+    weights = settings.model_weights
+    if spec.startswith("torchscript:"):
+        path = Path(spec.removeprefix("torchscript:"))
+        if not path.exists():
+            raise ModelLoadError(f"TorchScript file {path} does not exist")
+        try:
+            model = torch.jit.load(str(path), map_location="cpu")
+        except Exception as exc:  # noqa: BLE001
+            raise ModelLoadError(f"{path} is not a TorchScript archive: {exc}") from exc
+        card = _load_card(settings, None, path)
+    elif spec.startswith("factory:"):
+        target = spec.removeprefix("factory:")
+        module_name, _, func_name = target.rpartition(":")
+        if not module_name or not func_name:
+            raise ModelLoadError(f"factory must look like 'factory:package.module:function', got {spec!r}")
+        try:
+            factory = getattr(importlib.import_module(module_name), func_name)
+        except (ImportError, AttributeError) as exc:
+            raise ModelLoadError(f"cannot import {target}: {exc}") from exc
+        model = factory()
+        if not isinstance(model, torch.nn.Module):
+            raise ModelLoadError(f"{target}() returned {type(model).__name__}, not a torch.nn.Module")
+        if weights is None:
+            raise ModelLoadError("a factory model needs GGA_MODEL_WEIGHTS (safetensors)")
+        _load_weights(model, weights)
+        card = _load_card(settings, None, weights)
+    else:
+        name = spec.removeprefix("builtin:")
+        if name not in ARCHITECTURES:
+            raise ModelLoadError(f"unknown model {spec!r}: use one of {sorted(ARCHITECTURES)}, "
+                                 "'torchscript:<path>' or 'factory:<package.module>:<function>'")
+        if weights is None:
+            if name != "mnist_cnn":
+                raise ModelLoadError(f"the built-in {name} has no bundled weights: set GGA_MODEL_WEIGHTS")
+            weights = DEFAULT_MODEL_DIR / "model.safetensors"
+        model = ARCHITECTURES[name]()
+        _load_weights(model, weights)
+        card = _load_card(settings, BUILTIN_CARDS.get(name), weights)
+    model.eval()
+    return model.to(device), card
+
+
+def _load_weights(model: torch.nn.Module, path: Path) -> None:
+    state = read_state_dict(path)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ModelLoadError(f"weights {path} do not fit the model: {exc}") from exc

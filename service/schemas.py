@@ -1,0 +1,84 @@
+"""Response and request models: they document the HTTP contract in the OpenAPI schema."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class ErrorBody(BaseModel):
+    type: str = Field(..., examples=["invalid_shape"])
+    message: str = Field(..., examples=["input has shape (1, 28, 28); expected (B, 1, 28, 28)"])
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class PredictRequest(BaseModel):
+    inputs: list[Any] = Field(..., description="samples, each a nested list of the model's input shape")
+    return_csm: bool = Field(False, description="include each sample's N×N cosine similarity matrix")
+
+
+class TopClass(BaseModel):
+    label: int
+    name: str
+
+
+class Prediction(BaseModel):
+    label: int = Field(..., description="predicted class index")
+    label_name: str
+    confidence: float = Field(..., description="softmax probability of the predicted class")
+    top_classes: list[TopClass] = Field(..., description="up to 5 of the analysed top-N classes, best first")
+    score: float | None = Field(..., description="raw GGA/LODA anomaly score, higher = more anomalous")
+    trust: float = Field(..., description="conformal p-value in (0, 1]: the share of calibration samples that "
+                         "scored at least as anomalous")
+    flagged: bool = Field(..., description="trust < alpha: do not act on this prediction")
+    detector_version: str
+    csm: list[list[float]] | None = Field(None, description="N×N CSM, predicted class first (on request)")
+
+
+class PredictResponse(BaseModel):
+    model: str
+    alpha: float
+    predictions: list[Prediction]
+
+
+class FitAccepted(BaseModel):
+    id: str
+    state: str
+    status_url: str
+
+
+class FitProgress(BaseModel):
+    done: int
+    total: int
+
+
+class FitJobView(BaseModel):
+    id: str
+    state: str = Field(..., description="queued | running | succeeded | failed")
+    phase: str = Field(..., description="queued | features | fitting | saving | done")
+    progress: FitProgress
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    result: dict[str, Any] | None = Field(None, description="counts, model accuracy, threshold, new version")
+    error: str | None
+
+
+class FitPathRequest(BaseModel):
+    path: str = Field(..., description="an .npz file (arrays x and y) inside the server's GGA_DATA_DIR")
+
+
+class Info(BaseModel):
+    model: str
+    input_shape: list[int]
+    class_names: list[str]
+    device: str
+    detector_version: str | None
+    detector: dict[str, Any] | None
+    alpha: float | None
+    batching: dict[str, Any]
+    model_card: dict[str, Any]

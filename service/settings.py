@@ -1,0 +1,59 @@
+"""Service settings: one pydantic-settings class, environment prefix ``GGA_``.
+
+Built explicitly (``Settings()`` reads the environment when it is constructed, never
+at import time) and passed to ``create_app(settings)``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GGA_", extra="ignore", protected_namespaces=())
+
+    model: str = Field(
+        "mnist_cnn",
+        description="The classifier: a built-in architecture name (mnist_cnn, cifar_resnet20, "
+        "cifar_resnet56), 'torchscript:<path>' or 'factory:<package.module>:<function>'. "
+        "The default serves the bundled reference MNIST CNN with its fitted detector.",
+    )
+    model_weights: Path | None = Field(
+        None, description="safetensors weights (built-in and factory models); the bundled weights for mnist_cnn"
+    )
+    model_card: Path | None = Field(
+        None, description="model card JSON (input_shape, class_names); default: model_card.json beside the "
+        "weights, or the built-in card of the architecture"
+    )
+    artifact_dir: Path = Field(Path("artifacts"), description="where fitted detector versions are written")
+    data_dir: Path | None = Field(None, description="server-side folder that POST /fit may read .npz files from")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    top_n: int | None = Field(None, ge=3, description="classes analysed by new fits (None: all)")
+    alpha: float | None = Field(
+        None, gt=0, lt=1, description="flag when trust < alpha (None: the detector's own alpha, 0.05)"
+    )
+    max_batch_rows: int = Field(64, ge=1, description="rows per compute batch")
+    max_delay_ms: float = Field(5.0, ge=0, description="batching delay, counted from the oldest queued request")
+    max_queue_rows: int = Field(2048, ge=1, description="queued rows beyond which requests get 503")
+    request_timeout_s: float = Field(30.0, gt=0, description="queue wait beyond which a request gets 504")
+    max_request_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest accepted request body")
+    max_fit_bytes: int = Field(512 * 1024 * 1024, ge=1024, description="largest accepted /fit upload")
+    admin_token: SecretStr | None = Field(None, description="bearer token for POST /fit (unset: /fit disabled)")
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (None: torch's default)")
+    fit_batch_size: int = Field(256, ge=1)
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    log_level: str = "info"
+
+    @field_validator("model")
+    @classmethod
+    def _model_spec(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("model must not be empty")
+        return v.strip()
