@@ -1,0 +1,92 @@
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+from safetensors.torch import load_file
+
+from detectors.datasets import load_idx_split
+from detectors.gga import GGADetector
+from detectors.zoo import MnistCNN
+from service.app import create_app
+from service.settings import DEFAULT_MODEL_DIR, Settings
+
+MNIST = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "mnist"
+
+
+@pytest.fixture(scope="session")
+def mnist_test() -> tuple[np.ndarray, np.ndarray]:
+    return load_idx_split(MNIST, "t10k")
+
+
+@pytest.fixture(scope="session")
+def reference() -> GGADetector:
+    """The bundled detector, used directly (no service) as ground truth."""
+    model = MnistCNN()
+    model.load_state_dict(load_file(str(DEFAULT_MODEL_DIR / "model.safetensors")))
+    model.eval()
+    return GGADetector.load(DEFAULT_MODEL_DIR / "detector", model)
+
+
+def make_settings(tmp_path: Path, **kw) -> Settings:
+    kw.setdefault("artifact_dir", tmp_path / "artifacts")
+    return Settings(_env_file=None, **kw)
+
+
+class Running:
+    """An app with its lifespan entered, and an httpx client on the ASGI transport."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.registry = CollectorRegistry()
+        self.app = create_app(settings, registry=self.registry)
+
+    async def __aenter__(self) -> Running:
+        self._ctx = self.app.router.lifespan_context(self.app)
+        await self._ctx.__aenter__()
+        self.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app), base_url="http://test")
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.client.aclose()
+        await self._ctx.__aexit__(None, None, None)
+
+    async def metrics(self) -> dict[tuple[str, tuple], float]:
+        text = (await self.client.get("/metrics")).text
+        return parse_metrics(text)
+
+
+def parse_metrics(text: str) -> dict[tuple[str, tuple], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def npy_bytes(arr: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+def expected_rows(reference: GGADetector, x: np.ndarray) -> list[dict]:
+    """What the detector computes for each sample alone (batch of one)."""
+    rows = []
+    for i in range(len(x)):
+        out = reference.score(torch.from_numpy(x[i:i + 1]))
+        rows.append({"label": int(out.label[0]), "trust": float(out.trust[0]), "score": float(out.score[0]),
+                     "flagged": bool(out.flagged[0]), "confidence": float(out.confidence[0]),
+                     "top": out.top_classes[0, :5].tolist()})
+    return rows

@@ -1,0 +1,29 @@
+"""Fakes for the service tests: the reference MNIST CNN behind a gate the test controls.
+
+``factory:tests.service.fakes:gated_mnist`` builds a model whose forward waits until
+``GATE`` is set, so a test can hold the compute worker (or a fit job) busy at will.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from detectors.zoo import MnistCNN
+
+GATE = threading.Event()
+GATE.set()
+ENTERED = threading.Event()
+
+
+class GatedMnist(MnistCNN):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ENTERED.set()
+        if not GATE.wait(timeout=30):
+            raise RuntimeError("test gate was never opened")
+        return super().forward(x)
+
+
+def gated_mnist() -> GatedMnist:
+    return GatedMnist()
