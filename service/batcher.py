@@ -542,7 +542,7 @@ class DynamicBatcher(Generic[P, R]):
                         return None  # drained
                     self._cond.wait()
                     continue
-                due = now + self._max_delay_s
+                due = self._queue[0].arrival + self._max_delay_s
                 if self._state != _RUNNING or self._queued_rows >= self._max_batch_rows or now >= due:
                     return self._take_batch_locked()
                 self._cond.wait(due - now)

@@ -13,7 +13,8 @@ from tests.service.conftest import Running, make_settings, run
 def test_full_queue_503_then_timeout_504_then_healthy(tmp_path, mnist_test):
     x = mnist_test[0][:1].tolist()
     settings = make_settings(
-        tmp_path, model="factory:tests.service.fakes:gated_mnist", model_weights=DEFAULT_MODEL_DIR / "model.safetensors",
+        tmp_path, model="factory:tests.service.fakes:gated_mnist",
+        model_weights=DEFAULT_MODEL_DIR / "model.safetensors",
         max_batch_rows=1, max_queue_rows=1, max_delay_ms=0, request_timeout_s=0.5,
     )
 
