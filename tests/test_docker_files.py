@@ -267,7 +267,4 @@ def test_dockerfile_copies_only_existing_sources_that_dockerignore_keeps():
         assert not any(fnmatch.fnmatch(name, p) for p in ignore if not p.startswith("!")), f"{name} is dockerignored"
     assert (ROOT / "service" / "default_model" / "model.safetensors").is_file()
     missing = sorted(s.rstrip("/") for s in copied if not (ROOT / s.rstrip("/")).exists())
-    if missing == ["README.md"]:
-        # pyproject.toml declares readme = "README.md": `pip install .` needs it as much as the COPY does
-        pytest.skip("README.md is not written yet; the image build needs it")
     assert not missing, f"the Dockerfile copies {missing}, which do not exist"
