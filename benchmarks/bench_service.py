@@ -15,27 +15,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import signal
-import socket
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 
+from benchmarks.serverproc import ROOT, start_server
 from detectors.datasets import load_idx_split
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _metric(text: str, name: str) -> float:
@@ -79,25 +68,13 @@ async def _burst(base: str, x: np.ndarray, clients: int, requests: int, rows: in
 
 
 def run_config(x: np.ndarray, args, max_batch_rows: int) -> dict:
-    port = _free_port()
-    env = dict(os.environ, GGA_PORT=str(port), GGA_MAX_BATCH_ROWS=str(max_batch_rows),
-               GGA_MAX_DELAY_MS=str(args.delay_ms), GGA_MAX_QUEUE_ROWS="100000", GGA_LOG_LEVEL="warning",
+    env = dict(GGA_MAX_BATCH_ROWS=str(max_batch_rows), GGA_MAX_DELAY_MS=str(args.delay_ms),
+               GGA_MAX_QUEUE_ROWS="100000", GGA_LOG_LEVEL="warning",
                GGA_ARTIFACT_DIR=str(Path(args.artifact_dir).resolve()))
     if args.threads:
         env["GGA_TORCH_THREADS"] = str(args.threads)
-    proc = subprocess.Popen([sys.executable, "-m", "service.cli"], env=env, cwd=ROOT)
-    base = f"http://127.0.0.1:{port}"
+    proc, base = start_server(env)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("server did not start")
-            time.sleep(0.2)
         return asyncio.run(_burst(base, x, args.clients, args.requests, args.rows))
     finally:
         proc.send_signal(signal.SIGTERM)

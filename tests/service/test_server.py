@@ -3,43 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import socket
 import subprocess
-import sys
-import time
 
 import httpx
 
+from benchmarks.serverproc import start_server
 from tests.service.conftest import expected_rows, parse_metrics
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_real_server_burst_metrics_and_clean_shutdown(tmp_path, mnist_test, reference):
-    port = _free_port()
-    env = dict(os.environ, GGA_PORT=str(port), GGA_HOST="127.0.0.1", GGA_ARTIFACT_DIR=str(tmp_path / "a"),
-               GGA_MAX_BATCH_ROWS="16", GGA_MAX_DELAY_MS="20", GGA_LOG_LEVEL="warning")
-    proc = subprocess.Popen([sys.executable, "-m", "service.cli"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
+    env = dict(GGA_ARTIFACT_DIR=str(tmp_path / "a"), GGA_MAX_BATCH_ROWS="16", GGA_MAX_DELAY_MS="20",
+               GGA_LOG_LEVEL="warning")
+    proc, base = start_server(env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.monotonic() < deadline, "server did not become ready"
-            time.sleep(0.2)
-
         x = mnist_test[0][100:132]
         exp = expected_rows(reference, x)
 
