@@ -5,6 +5,8 @@ Matches the layout of the pretrained CIFAR-10 checkpoints described in
 The network takes images already normalised with the ImageNet statistics unless it is
 built with ``normalize=True``, in which case it takes [0, 1] RGB pixels [B, 3, 32, 32]
 and normalises inside (a buffer-free fixed affine map, so the state dict is unchanged).
+The ReLUs are ``nn.ReLU`` modules (no parameters, no state-dict keys), so that a copy
+with smooth activations can be made by swapping modules (``benchmarks.attacks.softplus_copy``).
 """
 
 from __future__ import annotations
@@ -24,16 +26,17 @@ class _Block(nn.Module):
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU()
         self.pad = (planes - in_planes) // 2 if (stride != 1 or in_planes != planes) else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         if self.pad is None:
             shortcut = x
         else:
             shortcut = F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
-        return F.relu(out + shortcut)
+        return self.relu(out + shortcut)
 
 
 class CifarResNet(nn.Module):
@@ -44,6 +47,7 @@ class CifarResNet(nn.Module):
         self.normalize = normalize
         self.conv1 = nn.Conv2d(3, 16, 3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
+        self.relu = nn.ReLU()
         self.layer1 = self._stage(16, 16, n, 1)
         self.layer2 = self._stage(16, 32, n, 2)
         self.layer3 = self._stage(32, 64, n, 2)
@@ -64,7 +68,7 @@ class CifarResNet(nn.Module):
 
     def penultimate(self, x: torch.Tensor) -> torch.Tensor:
         """Globally pooled features of the last stage, [B, 64]."""
-        out = F.relu(self.bn1(self.conv1(self._prepare(x))))
+        out = self.relu(self.bn1(self.conv1(self._prepare(x))))
         out = self.layer3(self.layer2(self.layer1(out)))
         return out.mean(dim=(2, 3))
 

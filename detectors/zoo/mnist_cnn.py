@@ -31,10 +31,13 @@ class MnistCNN(nn.Module):
         )
         self.fc1 = nn.Linear(128 * 4 * 4, 100)
         self.fc2 = nn.Linear(100, num_classes)
+        # activation as a module (no parameters, the state dict is unchanged) so that
+        # benchmarks.attacks.softplus_copy can swap it for a smooth one
+        self.act = nn.ReLU()
 
     def penultimate(self, x: torch.Tensor) -> torch.Tensor:
         """Activations of the 100-unit layer (after ReLU), [B, 100]."""
-        return torch.relu(self.fc1(self.features(x).flatten(1)))
+        return self.act(self.fc1(self.features(x).flatten(1)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.penultimate(x))
