@@ -181,6 +181,7 @@ def bare_gradients(model: torch.nn.Module, x: torch.Tensor, cot: torch.Tensor) -
     xg = x.detach().requires_grad_(True)
     z = model(xg)
     n = cot.shape[0]
+    cot = cot[:, : x.shape[0]]  # the warm-up may run on a slice of the batch
     for j in range(n):
         torch.autograd.grad(z, xg, grad_outputs=cot[j], retain_graph=j < n - 1)
 
