@@ -79,13 +79,28 @@ def _rescale(z: torch.Tensor) -> torch.Tensor:
 
 
 def _cotangents(z: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-    """(p − e_i) for each analysed class: [N, B, C]."""
-    p = torch.softmax(z.detach(), dim=1)
-    cot = p.unsqueeze(0).repeat(classes.shape[1], 1, 1)
+    """(p − e_i) for each analysed class, [N, B, C], free of cancellation.
+
+    Computed naively in float32, p_k − 1 rounds to exactly 0 once the softmax saturates
+    (a logit margin above ~17, most confident correct predictions), which silently drops
+    the −(1 − p_k)∇z_k term from the predicted class's gradient and points its saliency
+    the wrong way. Here p is float64 and the i-th entry is −Σ_{j≠i} p_j (a sum of small
+    positive numbers). sign(Jᵀc) does not depend on the scale of c, so each cotangent is
+    divided by its largest |entry| before the cast to the model's dtype, which keeps tiny
+    probabilities from underflowing in the backward pass. A cotangent that is zero even
+    in float64 (a margin of ~700 or more) gives a zero saliency.
+    """
+    p = torch.softmax(z.detach().double(), dim=1)
     rows = torch.arange(z.shape[0], device=z.device)
+    cot = p.unsqueeze(0).repeat(classes.shape[1], 1, 1)
     for j in range(classes.shape[1]):
-        cot[j, rows, classes[:, j]] -= 1.0
-    return cot
+        c = classes[:, j]
+        others = p.clone()
+        others[rows, c] = 0.0
+        cot[j, rows, c] = -others.sum(dim=1)
+    peak = cot.abs().amax(dim=2, keepdim=True)
+    cot = cot / torch.where(peak > 0, peak, 1.0)
+    return cot.to(z.dtype)
 
 
 def _reduce_channels(sign: torch.Tensor, channel_reduce: str | None) -> torch.Tensor:

@@ -185,3 +185,29 @@ def test_cosine_similarity_matrix_exact_values():
     assert torch.equal(out, expected)
     v = torch.tensor([[[3.0, 4.0], [4.0, 3.0]]])
     assert math.isclose(cosine_similarity_matrix(v)[0, 0, 1].item(), 24 / 25, rel_tol=1e-7)
+
+
+def test_confident_predictions_keep_the_predicted_class_direction():
+    # margins of ~30: float32 softmax gives p_k == 1 exactly, yet the true gradient of the
+    # predicted class, Σ_{j≠k} p_j (w_j − w_k), is far from zero and has a definite sign
+    torch.manual_seed(4)
+    model = nn.Linear(12, 4).double()
+    with torch.no_grad():
+        model.bias.copy_(torch.tensor([30.0, 0.0, -2.0, 1.0], dtype=torch.float64))
+    x = 0.1 * torch.randn(3, 12, dtype=torch.float64)
+    z = model(x).float()
+    assert torch.equal(torch.softmax(z, 1).amax(1), torch.ones(3))  # saturated in float32
+    res = cosine_similarity_maps(model.float(), x.float())
+    W = model.weight.detach().double().numpy()
+    zd = x.numpy() @ W.T + model.bias.detach().numpy()
+    for b in range(3):
+        p = np.exp(zd[b] - zd[b].max())
+        p /= p.sum()
+        order = res.classes[b].tolist()
+        k = order[0]
+        g = [sum(p[j] * (W[j] - W[k]) for j in range(4) if j != k)]  # predicted class
+        g += [W.T @ (p - np.eye(4)[i]) for i in order[1:]]
+        s = np.sign(np.stack(g))
+        norms = np.sqrt((s * s).sum(1))
+        np.testing.assert_allclose(res.csm[b].numpy(), (s @ s.T) / np.outer(norms, norms), atol=1e-6)
+        assert res.csm[b, 0, 0] == 1.0  # not a zero saliency
