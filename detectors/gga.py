@@ -28,7 +28,7 @@ from detectors.features import feature_names, gga_features
 from detectors.fingerprint import model_fingerprint
 from detectors.loda import LODA
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: cancellation-free cotangents (features differ from version 1)
 TENSORS_FILE = "detector.safetensors"
 META_FILE = "detector.json"
 
@@ -157,33 +157,39 @@ class GGADetector:
         return torch.cat(feats), torch.cat(labels)
 
     def fit(self, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256,
-            progress: Callable[[int, int], None] | None = None) -> Self:
+            progress: Callable[[int, int], None] | None = None, *,
+            calibration: tuple[torch.Tensor, torch.Tensor] | None = None) -> Self:
         """Fit on labelled in-distribution data x [n, *input_shape], y [n]; returns self.
 
-        Only correctly classified samples are used. ``progress(done, total)`` is called
+        Only correctly classified samples are used. Without ``calibration`` they are split
+        (seeded) into a LODA part and a calibration part of ``calibration_fraction``. With
+        ``calibration=(x_cal, y_cal)``, LODA is fitted on all of x and the calibration
+        scores come from x_cal: pass data the model was not trained on there, so that
+        the calibration scores are exchangeable with those of fresh inputs (a model is
+        more confident on its own training data). ``progress(done, total)`` is called
         after each batch. Raises ValueError when fewer than 20 samples are correctly
-        classified or either split would be too small.
+        classified or either part would be too small.
         """
         t0 = time.perf_counter()
-        x, y = torch.as_tensor(x), torch.as_tensor(y).long().cpu()
-        if x.dim() < 2 or len(x) != len(y):
-            raise ValueError(f"x [n, ...] and y [n] must have the same length, got {tuple(x.shape)} and "
-                             f"{tuple(y.shape)}")
-        if not torch.isfinite(x).all():
-            raise ValueError("x contains NaN or inf")
-        feats, pred = self.features(x, batch_size, progress)
-        correct = pred == y
-        n_correct = int(correct.sum())
-        if n_correct < 20:
-            raise ValueError(f"only {n_correct} of {len(y)} samples are classified correctly; "
-                             "GGA needs at least 20 correctly classified samples to fit")
-        good = feats[correct].double()
-        perm = torch.randperm(n_correct, generator=torch.Generator().manual_seed(self.config.seed))
-        n_cal = max(1, round(n_correct * self.config.calibration_fraction))
-        n_fit = n_correct - n_cal
+        total = len(x) + (len(calibration[0]) if calibration is not None else 0)
+
+        def offset_progress(base: int):
+            return None if progress is None else (lambda done, _t: progress(base + done, total))
+
+        good, n_samples = self._correct_features(x, y, batch_size, offset_progress(0))
+        n_correct = len(good)
+        if calibration is None:
+            perm = torch.randperm(n_correct, generator=torch.Generator().manual_seed(self.config.seed))
+            n_cal = max(1, round(n_correct * self.config.calibration_fraction))
+            n_fit = n_correct - n_cal
+            fit_part, cal_part = good[perm[:n_fit]], good[perm[n_fit:]]
+        else:
+            cal_part, n_cal_samples = self._correct_features(*calibration, batch_size, offset_progress(len(x)))
+            fit_part, n_fit, n_cal = good, n_correct, len(cal_part)
+            n_samples += n_cal_samples
+            n_correct += n_cal
         if n_fit < 10:
             raise ValueError(f"only {n_fit} samples left to fit LODA; pass more data")
-        fit_part, cal_part = good[perm[:n_fit]], good[perm[n_fit:]]
         if self.config.standardize:
             mean, std = fit_part.mean(dim=0), fit_part.std(dim=0)
             std = torch.where(std > 0, std, torch.ones_like(std))
@@ -196,10 +202,26 @@ class GGADetector:
         self.calibration_scores = torch.sort(loda.score((cal_part - mean) / std)).values
         self.model_fingerprint = model_fingerprint(self.model)
         self.fit_stats = FitStats(
-            n_samples=len(y), n_correct=n_correct, model_accuracy=n_correct / len(y), n_fit=n_fit,
+            n_samples=n_samples, n_correct=n_correct, model_accuracy=n_correct / n_samples, n_fit=n_fit,
             n_calibration=n_cal, threshold=self.threshold, seconds=round(time.perf_counter() - t0, 3),
         )
         return self
+
+    def _correct_features(self, x, y, batch_size, progress) -> tuple[torch.Tensor, int]:
+        """Features (float64) of the correctly classified samples of (x, y), and len(x)."""
+        x, y = torch.as_tensor(x), torch.as_tensor(y).long().cpu()
+        if x.dim() < 2 or len(x) != len(y):
+            raise ValueError(f"x [n, ...] and y [n] must have the same length, got {tuple(x.shape)} and "
+                             f"{tuple(y.shape)}")
+        if not torch.isfinite(x).all():
+            raise ValueError("x contains NaN or inf")
+        feats, pred = self.features(x, batch_size, progress)
+        correct = pred == y
+        n_correct = int(correct.sum())
+        if n_correct < 20:
+            raise ValueError(f"only {n_correct} of {len(y)} samples are classified correctly; "
+                             "GGA needs at least 20 correctly classified samples to fit")
+        return feats[correct].double(), len(y)
 
     def score_features(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """LODA score and trust for precomputed features [B, d] (float64 CPU tensors)."""

@@ -594,6 +594,21 @@ class DynamicBatcher(Generic[P, R]):
                     except Exception as item_exc:
                         outcomes.append((None, item_exc))
         compute_s = self._clock() - start
+        # metrics first: a client that sees its response must also see its batch counted
+        if self._on_batch is not None:
+            info = BatchInfo(
+                rows=sum(c.rows for c in items),
+                n_items=len(items),
+                n_requests=len({id(c._request) for c in items}),
+                queue_wait_s=tuple(start - c.arrival for c in items),
+                compute_s=compute_s,
+                n_failed=sum(1 for _, exc in outcomes if exc is not None),
+                retried=retried,
+            )
+            try:
+                self._on_batch(info)
+            except Exception:
+                log.exception("on_batch callback raised; ignored")
 
         finished: list[_Request] = []
         with self._cond:
@@ -632,21 +647,6 @@ class DynamicBatcher(Generic[P, R]):
                 kind = "completed"
             with self._cond:
                 self._counts[kind] += 1
-
-        if self._on_batch is not None:
-            info = BatchInfo(
-                rows=rows,
-                n_items=len(items),
-                n_requests=len({id(c._request) for c in items}),
-                queue_wait_s=tuple(start - c.arrival for c in items),
-                compute_s=compute_s,
-                n_failed=sum(1 for _, exc in outcomes if exc is not None),
-                retried=retried,
-            )
-            try:
-                self._on_batch(info)
-            except Exception:
-                log.exception("on_batch callback raised; ignored")
 
     def _call_compute(self, items: list[Chunk[P]]) -> list[R]:
         results = list(self._compute(items))

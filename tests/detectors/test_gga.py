@@ -74,7 +74,7 @@ def test_save_load_round_trip_is_bit_identical(tmp_path):
     det = GGADetector(model, top_n=4, include_softmax=True, n_bins=30, seed=7).fit(x, y)
     det.save(tmp_path / "d")
     meta = json.loads((tmp_path / "d" / "detector.json").read_text())
-    assert meta["format_version"] == 1
+    assert meta["format_version"] == 2
     assert meta["config"]["top_n"] == 4 and meta["config"]["include_softmax"] is True
     assert meta["fit"]["n_samples"] == 500 and meta["model_fingerprint"] == model_fingerprint(model)
     assert len(meta["feature_names"]) == 11
@@ -112,3 +112,30 @@ def test_validation_errors():
         GGADetector(model).fit(x, (y + 1) % 5)
     with pytest.raises(ValueError, match="same length"):
         GGADetector(model).fit(x, y[:50])
+
+
+def test_load_refuses_other_format_versions(tmp_path):
+    model = _model()
+    x, y = _data(model, 300, 8)
+    GGADetector(model).fit(x, y).save(tmp_path)
+    meta_path = tmp_path / "detector.json"
+    meta = json.loads(meta_path.read_text())
+    meta["format_version"] = 1
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="format version 1 is not supported"):
+        GGADetector.load(tmp_path, model)
+
+
+def test_separate_calibration_data():
+    model = _model()
+    x, y = _data(model, 500, 9)
+    xc, yc = _data(model, 200, 10)
+    yc[:10] = (yc[:10] + 1) % 5  # 10 calibration samples the model gets wrong
+    seen = []
+    det = GGADetector(model).fit(x, y, batch_size=250, calibration=(xc, yc), progress=lambda d, t: seen.append((d, t)))
+    assert seen == [(250, 700), (500, 700), (700, 700)]
+    st = det.fit_stats
+    assert (st.n_fit, st.n_calibration, st.n_samples, st.n_correct) == (500, 190, 700, 690)
+    feats, _ = det.features(xc[10:])
+    expected = det.loda.score((feats.double() - det.feature_mean) / det.feature_std)
+    assert torch.equal(det.calibration_scores, torch.sort(expected).values)
