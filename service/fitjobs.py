@@ -72,18 +72,19 @@ class FitJobManager:
         with self._lock:
             return next((j for j in self.jobs.values() if j.state in ("queued", "running")), None)
 
-    def submit(self, x: np.ndarray, y: np.ndarray) -> FitJob:
+    def submit(self, x: np.ndarray, y: np.ndarray,
+               calibration: tuple[np.ndarray, np.ndarray] | None = None) -> FitJob:
         with self._lock:
             if self._closing:
                 raise FitBusyError("the service is shutting down")
             busy = next((j for j in self.jobs.values() if j.state in ("queued", "running")), None)
             if busy is not None:
                 raise FitBusyError(f"fit job {busy.id} is still {busy.state}; wait for it (GET /fit/{busy.id})")
-            job = FitJob(id=uuid.uuid4().hex[:16], total=len(x))
+            job = FitJob(id=uuid.uuid4().hex[:16], total=len(x) + (len(calibration[0]) if calibration else 0))
             self.jobs[job.id] = job
             while len(self.jobs) > MAX_JOBS_KEPT:
                 self.jobs.pop(next(iter(self.jobs)))
-            self._thread = threading.Thread(target=self._run, args=(job, x, y), name=f"gga-fit-{job.id}",
+            self._thread = threading.Thread(target=self._run, args=(job, x, y, calibration), name=f"gga-fit-{job.id}",
                                             daemon=True)
             self._thread.start()
         return job
@@ -95,7 +96,7 @@ class FitJobManager:
             cfg["top_n"] = self.top_n
         return cfg
 
-    def _run(self, job: FitJob, x: np.ndarray, y: np.ndarray) -> None:
+    def _run(self, job: FitJob, x: np.ndarray, y: np.ndarray, calibration) -> None:
         job.state, job.phase, job.started_at = "running", "features", time.time()
 
         def progress(done: int, total: int) -> None:
@@ -105,7 +106,9 @@ class FitJobManager:
 
         try:
             det = GGADetector(self.model, **self._config())
-            det.fit(torch.from_numpy(x), torch.from_numpy(y), batch_size=self.batch_size, progress=progress)
+            cal = None if calibration is None else tuple(torch.from_numpy(a) for a in calibration)
+            det.fit(torch.from_numpy(x), torch.from_numpy(y), batch_size=self.batch_size, progress=progress,
+                    calibration=cal)
             if self._closing:
                 raise RuntimeError("the service shut down before the detector was saved")
             job.phase = "saving"

@@ -54,7 +54,8 @@ _FIT_BODY = {
         "content": {
             "multipart/form-data": {"schema": {"type": "object", "properties": {
                 "file": {"type": "string", "format": "binary", "description": ".npz with x (n, *input_shape) "
-                         "float and y (n,) integer labels"}}, "required": ["file"]}},
+                         "float and y (n,) integer labels; optionally x_cal, y_cal: held-out data for the "
+                         "calibration (else a seeded split of x)"}}, "required": ["file"]}},
             "application/json": {"schema": FitPathRequest.model_json_schema()},
         },
     }
@@ -140,26 +141,41 @@ def _require_admin(request: Request) -> None:
                        headers={"WWW-Authenticate": "Bearer"})
 
 
-def _load_npz(data: bytes | Path, input_shape: tuple[int, ...], n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+FitData = tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None]
+
+
+def _load_npz(data: bytes | Path, input_shape: tuple[int, ...], n_classes: int) -> FitData:
+    """x, y and the optional calibration pair (x_cal, y_cal) of a /fit archive, validated."""
     try:
         with np.load(io.BytesIO(data) if isinstance(data, bytes) else data, allow_pickle=False) as npz:
             if not hasattr(npz, "files") or "x" not in npz.files or "y" not in npz.files:
                 raise ApiError(422, "invalid_input", "the .npz must hold arrays 'x' (n, *input_shape) and 'y' (n,)")
-            x, y = npz["x"], npz["y"]
+            if ("x_cal" in npz.files) != ("y_cal" in npz.files):
+                raise ApiError(422, "invalid_input", "calibration data needs both 'x_cal' and 'y_cal'")
+            arrays = {k: npz[k] for k in ("x", "y", "x_cal", "y_cal") if k in npz.files}
     except ApiError:
         raise
     except Exception as exc:  # noqa: BLE001 - numpy raises several types for a bad archive
         raise ApiError(400, "malformed_npz", f"not a valid .npz archive (pickled arrays are refused): {exc}") from exc
+    x, y = _check_pair(arrays["x"], arrays["y"], "x", "y", input_shape, n_classes)
+    cal = None
+    if "x_cal" in arrays:
+        cal = _check_pair(arrays["x_cal"], arrays["y_cal"], "x_cal", "y_cal", input_shape, n_classes)
+    return x, y, cal
+
+
+def _check_pair(x: np.ndarray, y: np.ndarray, xn: str, yn: str, input_shape: tuple[int, ...],
+                n_classes: int) -> tuple[np.ndarray, np.ndarray]:
     if x.dtype.kind not in "f":
-        raise ApiError(422, "invalid_dtype", f"x has dtype {x.dtype}; expected floats (float32) scaled like the "
+        raise ApiError(422, "invalid_dtype", f"{xn} has dtype {x.dtype}; expected floats (float32) scaled like the "
                        "model's input")
     x = validate_batch(x, input_shape)
     if y.ndim != 1 or y.dtype.kind not in "iu":
-        raise ApiError(422, "invalid_input", f"y must be a 1-D integer array of labels, got {y.dtype} {y.shape}")
+        raise ApiError(422, "invalid_input", f"{yn} must be a 1-D integer array of labels, got {y.dtype} {y.shape}")
     if len(y) != len(x):
-        raise ApiError(422, "invalid_input", f"x has {len(x)} samples but y has {len(y)} labels")
+        raise ApiError(422, "invalid_input", f"{xn} has {len(x)} samples but {yn} has {len(y)} labels")
     if y.min() < 0 or y.max() >= n_classes:
-        raise ApiError(422, "invalid_input", f"labels must be in [0, {n_classes - 1}]")
+        raise ApiError(422, "invalid_input", f"labels in {yn} must be in [0, {n_classes - 1}]")
     return x, y.astype(np.int64)
 
 
@@ -183,17 +199,18 @@ async def fit(request: Request) -> Response:
         if upload is None or isinstance(upload, str):
             raise ApiError(422, "invalid_input", "multipart upload needs a file field named 'file' (.npz)")
         data = await upload.read()
-        x, y = await run_in_threadpool(_load_npz, data, shape, n_classes)
+        x, y, cal = await run_in_threadpool(_load_npz, data, shape, n_classes)
     elif ctype == "application/json":
         doc = parse_json_body(await _read_body(request, 64 * 1024))
         if not isinstance(doc.get("path"), str):
             raise ApiError(422, "invalid_input", 'expected {"path": "<file inside GGA_DATA_DIR>"}')
-        x, y = await run_in_threadpool(_load_npz, _data_path(st.settings.data_dir, doc["path"]), shape, n_classes)
+        path = _data_path(st.settings.data_dir, doc["path"])
+        x, y, cal = await run_in_threadpool(_load_npz, path, shape, n_classes)
     else:
         raise ApiError(415, "unsupported_media_type", "send multipart/form-data with a 'file' field (.npz) or JSON "
                        '{"path": ...}')
     try:
-        job = st.fits.submit(x, y)
+        job = st.fits.submit(x, y, cal)
     except FitBusyError as exc:
         raise ApiError(409, "conflict", str(exc)) from exc
     url = f"/fit/{job.id}"

@@ -74,6 +74,8 @@ def test_fit_job_lifecycle(tmp_path, mnist_test):
                 ({"file": ("a.npz", _npz(x=x, y=y + 10), "application/octet-stream")}, 422),
                 ({"file": ("a.npz", _npz(x=x, y=y[:10]), "application/octet-stream")}, 422),
                 ({"file": ("a.npz", _npz(x=(x * 255).astype(np.uint8), y=y), "application/octet-stream")}, 422),
+                ({"file": ("a.npz", _npz(x=x, y=y, x_cal=x), "application/octet-stream")}, 422),
+                ({"file": ("a.npz", _npz(x=x, y=y, x_cal=x, y_cal=y[:5]), "application/octet-stream")}, 422),
             ]
             for files, status in bad:
                 r = await c.post("/fit", files=files, headers=AUTH)
@@ -147,9 +149,11 @@ def test_fit_job_lifecycle(tmp_path, mnist_test):
 
 
 def test_fit_from_data_dir_path(tmp_path):
-    x, y = _train_sample(200)
+    x, y = _train_sample(260)
     (tmp_path / "data").mkdir()
-    np.savez(tmp_path / "data" / "small.npz", x=x, y=y)
+    y_cal = y[200:].copy()
+    y_cal[:5] = (y_cal[:5] + 1) % 10  # 5 calibration labels the model cannot match
+    np.savez(tmp_path / "data" / "small.npz", x=x[:200], y=y[:200], x_cal=x[200:], y_cal=y_cal)
     settings = make_settings(tmp_path, admin_token=TOKEN, data_dir=tmp_path / "data", top_n=4)
 
     async def go():
@@ -162,5 +166,7 @@ def test_fit_from_data_dir_path(tmp_path):
 
     job, preds = run(go())
     assert job["state"] == "succeeded" and job["result"]["config"]["top_n"] == 4
-    assert job["result"]["n_samples"] == 200
+    res = job["result"]
+    assert res["n_samples"] == 260 and job["progress"] == {"done": 260, "total": 260}
+    assert res["n_calibration"] == 55 and res["n_fit"] == res["n_correct"] - 55
     assert np.array(preds["predictions"][0]["csm"]).shape == (4, 4)
