@@ -90,17 +90,12 @@ def _cotangents(z: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     probabilities from underflowing in the backward pass. A cotangent that is zero even
     in float64 (a margin of ~700 or more) gives a zero saliency.
     """
-    p = torch.softmax(z.detach().double(), dim=1)
-    rows = torch.arange(z.shape[0], device=z.device)
-    cot = p.unsqueeze(0).repeat(classes.shape[1], 1, 1)
-    for j in range(classes.shape[1]):
-        c = classes[:, j]
-        others = p.clone()
-        others[rows, c] = 0.0
-        cot[j, rows, c] = -others.sum(dim=1)
+    p = torch.softmax(z.detach().double(), dim=1).unsqueeze(0)  # [1, B, C]
+    target = torch.nn.functional.one_hot(classes.T, z.shape[1]).bool()  # [N, B, C]
+    rest = torch.where(target, 0.0, p)
+    cot = torch.where(target, -rest.sum(dim=2, keepdim=True), rest)
     peak = cot.abs().amax(dim=2, keepdim=True)
-    cot = cot / torch.where(peak > 0, peak, 1.0)
-    return cot.to(z.dtype)
+    return (cot / torch.where(peak > 0, peak, 1.0)).to(z.dtype)
 
 
 def _reduce_channels(sign: torch.Tensor, channel_reduce: str | None) -> torch.Tensor:
@@ -154,7 +149,8 @@ def cosine_similarity_maps(
 
     clock = _Stopwatch(timings, x.device)
     with torch.inference_mode(False), torch.enable_grad():
-        x = x.detach().clone().requires_grad_(True)
+        x = x.detach()
+        x = (x.clone() if x.is_inference() else x).requires_grad_(True)
         if mode == "replicate":
             return _replicate(model, x, top_n, channel_reduce, rescale_logits, clock)
         z = model(x)
