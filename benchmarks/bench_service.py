@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
 import signal
 import statistics
@@ -37,15 +38,23 @@ def _metric(text: str, name: str) -> float:
     return float("nan")
 
 
-async def _burst(base: str, x: np.ndarray, clients: int, requests: int, rows: int) -> dict:
+def _npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    return buf.getvalue()
+
+
+async def _burst(base: str, x: np.ndarray, clients: int, requests: int, rows: int, fmt: str) -> dict:
     latencies: list[float] = []
+    ctype = "application/x-npy" if fmt == "npy" else "application/json"
     statuses: dict[int, int] = {}
 
     async def client(c: httpx.AsyncClient, k: int) -> None:
         for r in range(requests):
             i = ((k * requests + r) * rows) % (len(x) - rows)
+            body = _npy(x[i:i + rows]) if fmt == "npy" else json.dumps({"inputs": x[i:i + rows].tolist()}).encode()
             t0 = time.perf_counter()
-            resp = await c.post("/predict", json={"inputs": x[i:i + rows].tolist()})
+            resp = await c.post("/predict", content=body, headers={"content-type": ctype})
             latencies.append(time.perf_counter() - t0)
             statuses[resp.status_code] = statuses.get(resp.status_code, 0) + 1
 
@@ -75,7 +84,7 @@ def run_config(x: np.ndarray, args, max_batch_rows: int) -> dict:
         env["GGA_TORCH_THREADS"] = str(args.threads)
     proc, base = start_server(env)
     try:
-        return asyncio.run(_burst(base, x, args.clients, args.requests, args.rows))
+        return asyncio.run(_burst(base, x, args.clients, args.requests, args.rows, args.format))
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
@@ -87,6 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--clients", type=int, default=64)
     p.add_argument("--requests", type=int, default=8, help="requests per client")
     p.add_argument("--rows", type=int, default=1, help="rows per request")
+    p.add_argument("--format", choices=("npy", "json"), default="npy", help="request body encoding")
     p.add_argument("--max-batch-rows", type=int, default=64)
     p.add_argument("--delay-ms", type=float, default=5.0)
     p.add_argument("--threads", type=int, default=0)
