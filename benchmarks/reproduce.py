@@ -193,6 +193,16 @@ def fashion_as_cifar(x: np.ndarray) -> torch.Tensor:
     return t.clamp(0.0, 1.0).repeat(1, 3, 1, 1).contiguous()
 
 
+def _mnist_ood(fashion: np.ndarray, n: int, shape: tuple[int, ...], s: int, first_seed: int) -> dict:
+    """Fashion-MNIST, uniform, Gaussian and unclipped Gaussian OOD sets of one split (seeds first_seed..+3)."""
+    return {
+        "fashion": torch.from_numpy(fashion[_rng(s, first_seed).permutation(len(fashion))[:n]]),
+        "uniform": uniform_ood(n, shape, _gen(s, first_seed + 1)),
+        "gaussian": gaussian_noise(n, shape, _gen(s, first_seed + 2)),
+        "gaussian_unclipped": gaussian_noise(n // 2, shape, _gen(s, first_seed + 3), clip=False),
+    }
+
+
 def load_mnist(args, sizes: Sizes) -> Setup:
     from safetensors.torch import load_file
 
@@ -224,19 +234,9 @@ def load_mnist(args, sizes: Sizes) -> Setup:
         fit_x=t(x_tr[fit_idx]), fit_y=t(y_tr[fit_idx]),
         heldout_x=t(x_tr[val_fit]) if len(val_fit) else None, heldout_y=t(y_tr[val_fit]) if len(val_fit) else None,
         val_src=(t(x_tr[val_eval]), t(y_tr[val_eval])),
-        val_ood_src={
-            "fashion": t(xf_tr[_rng(s, 4).permutation(len(xf_tr))[: sizes.n_val_ood]]),
-            "uniform": uniform_ood(sizes.n_val_ood, shape, _gen(s, 5)),
-            "gaussian": gaussian_noise(sizes.n_val_ood, shape, _gen(s, 6)),
-            "gaussian_unclipped": gaussian_noise(sizes.n_val_ood // 2, shape, _gen(s, 7), clip=False),
-        },
+        val_ood_src=_mnist_ood(xf_tr, sizes.n_val_ood, shape, s, first_seed=4),
         test_src=(t(x_te[test_idx]), t(y_te[test_idx])),
-        test_ood_src={
-            "fashion": t(xf_te[_rng(s, 8).permutation(len(xf_te))[: sizes.n_ood]]),
-            "uniform": uniform_ood(sizes.n_ood, shape, _gen(s, 9)),
-            "gaussian": gaussian_noise(sizes.n_ood, shape, _gen(s, 10)),
-            "gaussian_unclipped": gaussian_noise(sizes.n_ood // 2, shape, _gen(s, 11), clip=False),
-        },
+        test_ood_src=_mnist_ood(xf_te, sizes.n_ood, shape, s, first_seed=8),
         paper_bins=100, families=tuple(args.families or default_families()),
         channel_variants=False,
         notes={
