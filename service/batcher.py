@@ -13,10 +13,16 @@ Semantics (DESIGN §3 and §4):
   the submitter's ``split(payload, start, stop)`` into chunks of at most
   ``max_batch_rows`` rows; chunks of one request may land in different batches and
   their results are put back together, in row order, by ``merge(results)``.
-- **Delay from the oldest arrival.** The worker takes a batch as soon as the queued
-  rows reach ``max_batch_rows``, or once ``clock() >= oldest_arrival + max_delay_s``,
-  where ``oldest_arrival`` is the arrival time of the oldest queued request, not the
-  time the worker last looked at the queue.
+- **Dispatch when the worker is free (default, ``max_delay_s=0``).** A free worker
+  takes a batch the moment anything is queued; a lone request never waits for
+  company. Batches form from what queued while the worker was computing: when it
+  finishes a batch it takes everything queued (up to ``max_batch_rows`` rows) at
+  once, whatever the clock says (only the queue timeout consults it).
+- **Optional delay from the oldest arrival (``max_delay_s > 0``).** A free worker
+  takes a batch as soon as the queued rows reach ``max_batch_rows``, or once
+  ``clock() >= oldest_arrival + max_delay_s``, where ``oldest_arrival`` is the arrival
+  time of the oldest queued request, not the time the worker last looked at the queue
+  or became free. This trades a lone client's latency for fuller batches.
 - **FIFO.** A batch is the longest prefix of the queue that fits in
   ``max_batch_rows``; the worker never reorders or splits chunks.
 - **Admission is atomic and never blocks.** A request is queued whole, or, when
@@ -91,7 +97,7 @@ class QueueFullError(BatcherError):
 
     ``retry_after_s`` is a heuristic estimate of the seconds until enough rows have
     left the queue: the batches needed to free the missing rows times the recent mean
-    batch compute time (``max_delay_s`` before the first batch).
+    batch compute time (``max_delay_s`` before the first batch), and at least 10 ms.
     """
 
     def __init__(self, message: str, *, retry_after_s: float, queued_rows: int, max_queue_rows: int) -> None:
@@ -233,7 +239,9 @@ class DynamicBatcher(Generic[P, R]):
             thread with one batch (at most ``max_batch_rows`` rows in total); returns one
             result per item, in the items' order.
         max_batch_rows: most rows in one batch (and in one chunk of a split request).
-        max_delay_s: longest time the oldest queued request waits for a batch to fill.
+        max_delay_s: longest time the oldest queued request waits for a batch to fill,
+            counted from its arrival. The default 0 dispatches as soon as the worker is
+            free: batches hold what queued while the previous batch was computed.
         max_queue_rows: most rows queued (not yet taken by the worker); beyond it
             ``submit`` raises :class:`QueueFullError`. At least ``max_batch_rows``.
         timeout_s: longest time a request may wait in the queue; more than
@@ -250,7 +258,7 @@ class DynamicBatcher(Generic[P, R]):
         compute: Callable[[list[Chunk[P]]], Sequence[R]],
         *,
         max_batch_rows: int,
-        max_delay_s: float,
+        max_delay_s: float = 0.0,
         max_queue_rows: int,
         timeout_s: float,
         on_batch: Callable[[BatchInfo], None] | None = None,
@@ -542,8 +550,10 @@ class DynamicBatcher(Generic[P, R]):
                         return None  # drained
                     self._cond.wait()
                     continue
+                if self._state != _RUNNING or self._max_delay_s == 0 or self._queued_rows >= self._max_batch_rows:
+                    return self._take_batch_locked()  # draining, no delay, or a full batch: go now
                 due = self._queue[0].arrival + self._max_delay_s
-                if self._state != _RUNNING or self._queued_rows >= self._max_batch_rows or now >= due:
+                if now >= due:
                     return self._take_batch_locked()
                 self._cond.wait(due - now)
 

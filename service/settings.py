@@ -39,7 +39,10 @@ class Settings(BaseSettings):
         None, gt=0, lt=1, description="flag when trust < alpha (None: the detector's own alpha, 0.05)"
     )
     max_batch_rows: int = Field(64, ge=1, description="rows per compute batch")
-    max_delay_ms: float = Field(5.0, ge=0, description="batching delay, counted from the oldest queued request")
+    max_delay_ms: float = Field(
+        0.0, ge=0, description="batching delay, counted from the oldest queued request's arrival (0: a batch goes "
+        "as soon as the worker is free, holding what queued while it computed; > 0 trades latency for fuller batches)"
+    )
     max_queue_rows: int = Field(2048, ge=1, description="queued rows beyond which requests get 503")
     request_timeout_s: float = Field(30.0, gt=0, description="queue wait beyond which a request gets 504")
     max_request_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest accepted request body")
