@@ -10,9 +10,7 @@ calibration scores, and ``flagged = trust < alpha``.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -20,21 +18,20 @@ from pathlib import Path
 from typing import Self
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from detectors.calibration import conformal_p_values, conformal_threshold
+from detectors.calibration import conformal_p_values, conformal_threshold, min_calibration_size
 from detectors.csm import CHANNEL_REDUCTIONS, STRATEGIES, cosine_similarity_maps
 from detectors.features import feature_names, gga_features
 from detectors.fingerprint import model_fingerprint
 from detectors.loda import LODA
+from detectors.persist import META_FILE, TENSORS_FILE, FingerprintMismatchError, read_meta, write_detector
+from detectors.persist import check_fingerprint as _check_fingerprint
 
+KIND = "gga"
 FORMAT_VERSION = 2  # 2: cancellation-free cotangents (features differ from version 1)
-TENSORS_FILE = "detector.safetensors"
-META_FILE = "detector.json"
-
-
-class FingerprintMismatchError(ValueError):
-    """The detector was fitted for a model with other weights."""
+__all__ = ["FingerprintMismatchError", "FitStats", "GGAConfig", "GGADetector", "GGAScores", "META_FILE",
+           "TENSORS_FILE", "device_of"]
 
 
 @dataclass(frozen=True)
@@ -89,8 +86,18 @@ class GGAScores:
     features: torch.Tensor  # float32 [B, 10 or 11]
     csm: torch.Tensor | None = field(default=None)  # float32 [B, N, N] when asked for
 
+    @staticmethod
+    def cat(parts: list[GGAScores]) -> GGAScores:
+        """One result from the results of consecutive batches."""
+        if len(parts) == 1:
+            return parts[0]
+        return GGAScores(**{
+            f: (torch.cat([getattr(p, f) for p in parts]) if getattr(parts[0], f) is not None else None)
+            for f in GGAScores.__dataclass_fields__
+        })
 
-def _device_of(model: torch.nn.Module) -> torch.device:
+
+def device_of(model: torch.nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
     for b in model.buffers():
@@ -140,7 +147,7 @@ class GGADetector:
 
     def csm(self, x: torch.Tensor, timings: dict[str, float] | None = None):
         c = self.config
-        return cosine_similarity_maps(self.model, x.to(_device_of(self.model)), c.top_n,
+        return cosine_similarity_maps(self.model, x.to(device_of(self.model)), c.top_n,
                                       channel_reduce=c.channel_reduce, rescale_logits=c.rescale_logits,
                                       strategy=self.strategy, timings=timings)
 
@@ -190,6 +197,10 @@ class GGADetector:
             n_correct += n_cal
         if n_fit < 10:
             raise ValueError(f"only {n_fit} samples left to fit LODA; pass more data")
+        need = min_calibration_size(self.config.alpha)
+        if n_cal < need:
+            raise ValueError(f"{n_cal} calibration samples can never flag at alpha={self.config.alpha}: "
+                             f"pass at least {need} correctly classified held-out samples")
         if self.config.standardize:
             mean, std = fit_part.mean(dim=0), fit_part.std(dim=0)
             std = torch.where(std > 0, std, torch.ones_like(std))
@@ -257,12 +268,7 @@ class GGADetector:
                 score=s, trust=trust, flagged=trust < self.config.alpha, features=feats,
                 csm=res.csm.cpu() if return_csm else None,
             ))
-        if len(parts) == 1:
-            return parts[0]
-        return GGAScores(**{
-            f: (torch.cat([getattr(p, f) for p in parts]) if getattr(parts[0], f) is not None else None)
-            for f in GGAScores.__dataclass_fields__
-        })
+        return GGAScores.cat(parts)
 
     def _check_fitted(self) -> None:
         if self.loda is None:
@@ -270,9 +276,42 @@ class GGADetector:
 
     # persistence -------------------------------------------------------------------------
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The fitted state: LODA (``loda.*``), feature standardisation and calibration scores."""
+        self._check_fitted()
+        tensors = {f"loda.{k}": v for k, v in self.loda.state_dict().items()}
+        tensors.update(feature_mean=self.feature_mean, feature_std=self.feature_std,
+                       calibration_scores=self.calibration_scores)
+        return tensors
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> Self:
+        """Restore :meth:`state_dict`; checks shapes against the config and finiteness."""
+        c = self.config
+        try:
+            loda = LODA(c.n_projections, c.n_bins, c.seed, c.floor_count).load_state_dict(
+                {k[5:]: v for k, v in state.items() if k.startswith("loda.")})
+            mean, std = state["feature_mean"].double(), state["feature_std"].double()
+            cal = state["calibration_scores"].double()
+        except KeyError as exc:
+            raise ValueError(f"GGA state is missing {exc}") from exc
+        d = len(feature_names(c.include_softmax))
+        if mean.shape != (d,) or std.shape != (d,) or loda.projections.shape[1] != d:
+            raise ValueError(f"GGA state does not hold {d} features (mean {tuple(mean.shape)}, "
+                             f"projections {tuple(loda.projections.shape)})")
+        if not (torch.isfinite(mean).all() and torch.isfinite(std).all() and (std > 0).all()
+                and torch.isfinite(cal).all()):
+            raise ValueError("GGA state has NaN, inf or a zero scale")
+        if cal.numel() < min_calibration_size(c.alpha):
+            raise ValueError(f"GGA state has {cal.numel()} calibration scores, too few to ever flag at "
+                             f"alpha={c.alpha}")
+        self.loda, self.feature_mean, self.feature_std = loda, mean, std
+        self.calibration_scores = torch.sort(cal).values
+        return self
+
     def metadata(self) -> dict:
         self._check_fitted()
         return {
+            "kind": KIND,
             "format_version": FORMAT_VERSION,
             "config": asdict(self.config),
             "loda": self.loda.config(),
@@ -283,52 +322,25 @@ class GGADetector:
 
     def save(self, directory: str | Path) -> Path:
         """Write ``detector.safetensors`` and ``detector.json`` into ``directory`` (fsynced)."""
-        self._check_fitted()
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tensors = {f"loda.{k}": v for k, v in self.loda.state_dict().items()}
-        tensors.update(feature_mean=self.feature_mean.contiguous(), feature_std=self.feature_std.contiguous(),
-                       calibration_scores=self.calibration_scores.contiguous())
-        save_file(tensors, str(directory / TENSORS_FILE))
+        tensors = self.state_dict()
         meta = self.metadata()
         meta["threshold"] = meta["fit"]["threshold"] if math.isfinite(meta["fit"]["threshold"]) else None
-        (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        for name in (TENSORS_FILE, META_FILE):
-            fd = os.open(directory / name, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        return directory
+        return write_detector(directory, tensors, meta)
 
     @classmethod
     def load(cls, directory: str | Path, model: torch.nn.Module, *, strategy: str = "auto",
              check_fingerprint: bool = True) -> GGADetector:
         """Load a saved detector for ``model``; refuses one fitted for other weights."""
         directory = Path(directory)
-        meta_path, tensor_path = directory / META_FILE, directory / TENSORS_FILE
-        if not meta_path.exists() or not tensor_path.exists():
-            raise FileNotFoundError(f"{directory} holds no saved detector ({META_FILE} + {TENSORS_FILE})")
-        meta = json.loads(meta_path.read_text())
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{directory}: detector format version {meta.get('format_version')!r} is not "
-                             f"supported (this code reads version {FORMAT_VERSION})")
+        meta = read_meta(directory)
+        if meta.get("kind", KIND) != KIND or meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{directory}: detector kind {meta.get('kind', KIND)!r} format version "
+                             f"{meta.get('format_version')!r} is not supported (this code reads GGA version "
+                             f"{FORMAT_VERSION})")
         if check_fingerprint:
-            actual = model_fingerprint(model)
-            if meta["model_fingerprint"] != actual:
-                raise FingerprintMismatchError(
-                    f"the detector in {directory} was fitted for another model (weights fingerprint "
-                    f"{meta['model_fingerprint'][:12]}…, this model has {actual[:12]}…); fit a new detector "
-                    "for this model"
-                )
+            _check_fingerprint(meta, model, directory)
         det = cls(model, **meta["config"], strategy=strategy)
-        tensors = load_file(str(tensor_path))
-        loda = LODA(**meta["loda"])
-        loda.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("loda.")})
-        det.loda = loda
-        det.feature_mean = tensors["feature_mean"].double()
-        det.feature_std = tensors["feature_std"].double()
-        det.calibration_scores = tensors["calibration_scores"].double()
+        det.load_state_dict(load_file(str(directory / TENSORS_FILE)))
         det.model_fingerprint = meta["model_fingerprint"]
         det.fit_stats = FitStats(**meta["fit"])
         return det

@@ -1,0 +1,460 @@
+"""The composite detector: GGA at its core, plus the logit and layer signals of the same pass.
+
+One forward pass (with the N gradient passes of the CSM when GGA is on) gives, per sample:
+
+- ``gga``: LODA over the ten standardised CSM features of the top-N classes
+  (Schwinn et al. 2021), higher = more anomalous;
+- ``margin``: the float64 logit margin log(p_max / (1 − p_max)), two-sided;
+- ``energy``: −logsumexp(z) (Liu et al. 2020), two-sided;
+- ``layer:<name>``: for each feature layer, the squared Mahalanobis distance of the
+  layer's channel means to the closest class mean under a tied covariance (Lee et al.
+  2018), fitted on correctly classified training samples; no tuning on anomalies.
+
+fit(x, y, calibration=(x_cal, y_cal)): the correctly classified samples of x are split
+(seeded) into a *fit* part (LODA, the class Gaussians) and a *reference* part, whose
+component scores set each component's scale. The components are then combined into one
+statistic (higher = more anomalous):
+
+- ``fisher``: Fisher's −2 Σ log p_j over the components' reference p-values
+  (:mod:`detectors.pvalues`; two-sided components use both tails);
+- ``min``: −log of the smallest component p-value;
+- ``sum``: Σ_j z_j with z_j the component's score standardised by the reference median
+  and IQR / 1.349 (|z_j| for two-sided components);
+- ``loda``: LODA over the joint standardised vector (CSM features, margin, energy,
+  log layer distances), fitted on the reference part (a density: both tails by design).
+
+The statistic is calibrated conformally on ``x_cal`` (every sample, misclassified ones
+included: the trust is a p-value for "an in-distribution input", so the flag rate on
+in-distribution traffic is alpha); without ``calibration`` a seeded part of x is held
+out for it. ``trust`` is therefore a valid conformal p-value whatever the dependence
+between the components.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Self
+
+import torch
+from safetensors.torch import load_file
+
+from detectors.calibration import ConformalCalibration
+from detectors.csm import STRATEGIES, cosine_similarity_maps
+from detectors.energy import energy_score
+from detectors.features import csm_features
+from detectors.fingerprint import model_fingerprint
+from detectors.gaussian import TiedGaussian
+from detectors.gga import GGAScores, device_of
+from detectors.loda import LODA
+from detectors.persist import TENSORS_FILE, read_meta, write_detector
+from detectors.persist import check_fingerprint as _check_fingerprint
+from detectors.pvalues import ReferenceTails, combine
+from detectors.signals import LayerTap, default_layers, logit_margin
+
+KIND = "composite"
+FORMAT_VERSION = 1
+COMBINE = ("fisher", "min", "sum", "loda")
+TWO_SIDED = frozenset({"margin", "energy"})
+
+
+@dataclass(frozen=True)
+class CompositeConfig:
+    top_n: int | None = 5
+    alpha: float = 0.05
+    combine: str = "fisher"
+    use_gga: bool = True
+    use_logits: bool = True
+    use_layers: bool = True
+    layers: tuple[str, ...] | None = None
+    n_bins: int = 100
+    n_projections: int = 100
+    seed: int = 0
+    reference_fraction: float = 0.3
+    calibration_fraction: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.top_n is not None and (isinstance(self.top_n, bool) or not isinstance(self.top_n, int)
+                                       or self.top_n < 3):
+            raise ValueError(f"top_n must be None (all classes) or an integer >= 3, got {self.top_n!r}")
+        if not 0 < self.alpha < 1:
+            raise ValueError(f"alpha must be in (0, 1), e.g. 0.05; got {self.alpha!r}")
+        if self.combine not in COMBINE:
+            raise ValueError(f"combine must be one of {COMBINE}, got {self.combine!r}")
+        if not (self.use_gga or self.use_logits or self.use_layers):
+            raise ValueError("the composite needs at least one of use_gga, use_logits, use_layers")
+        for name in ("reference_fraction", "calibration_fraction"):
+            v = getattr(self, name)
+            if not 0 < v < 1:
+                raise ValueError(f"{name} must be in (0, 1), got {v!r}")
+        if self.layers is not None:
+            if not all(isinstance(n, str) and n for n in self.layers) or not self.layers:
+                raise ValueError(f"layers must be a non-empty list of module names, got {self.layers!r}")
+            object.__setattr__(self, "layers", tuple(self.layers))
+        LODA(self.n_projections, self.n_bins, self.seed)  # validates those
+
+
+@dataclass
+class Signals:
+    """What one pass yields for a batch (CPU tensors): logits [B, C], classes [B, N] (top-N,
+    predicted first), CSM features [B, 10] (None without GGA), csm [B, N, N] (when asked),
+    layer channel means {name: [B, D]} (empty without layers)."""
+
+    logits: torch.Tensor
+    classes: torch.Tensor
+    csm_features: torch.Tensor | None
+    layers: dict[str, torch.Tensor] = field(default_factory=dict)
+    csm: torch.Tensor | None = None
+
+    def rows(self, index: torch.Tensor) -> Signals:
+        return Signals(self.logits[index], self.classes[index],
+                       None if self.csm_features is None else self.csm_features[index],
+                       {k: v[index] for k, v in self.layers.items()}, None)
+
+    @staticmethod
+    def cat(parts: list[Signals]) -> Signals:
+        first = parts[0]
+        return Signals(torch.cat([p.logits for p in parts]), torch.cat([p.classes for p in parts]),
+                       None if first.csm_features is None else torch.cat([p.csm_features for p in parts]),
+                       {k: torch.cat([p.layers[k] for p in parts]) for k in first.layers},
+                       None if first.csm is None else torch.cat([p.csm for p in parts]))
+
+
+@dataclass
+class CompositeFitStats:
+    n_samples: int
+    n_correct: int
+    model_accuracy: float
+    n_fit: int
+    n_reference: int
+    n_calibration: int
+    threshold: float
+    seconds: float
+
+
+class CompositeDetector:
+    """GGA + logit + layer signals, combined and conformally calibrated; see the module docstring.
+
+    ``CompositeDetector(model, top_n=5, alpha=0.05, combine="fisher", layers=None, ...)``;
+    ``fit(x, y, calibration=(x_cal, y_cal)) -> self``; ``score(x) -> GGAScores`` with the
+    combined statistic as ``score`` and the components' log p-values as ``features``.
+    """
+
+    kind = KIND
+
+    def __init__(self, model: torch.nn.Module, top_n: int | None = 5, alpha: float = 0.05, *,
+                 combine: str = "fisher", use_gga: bool = True, use_logits: bool = True,
+                 use_layers: bool = True, layers: list[str] | tuple[str, ...] | None = None, n_bins: int = 100,
+                 n_projections: int = 100, seed: int = 0, reference_fraction: float = 0.3,
+                 calibration_fraction: float = 0.2, strategy: str = "auto") -> None:
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        if use_layers and layers is None:
+            layers = default_layers(model)
+        self.model = model
+        self.config = CompositeConfig(top_n, alpha, combine, use_gga, use_logits, use_layers,
+                                      tuple(layers) if layers is not None and use_layers else None, n_bins,
+                                      n_projections, seed, reference_fraction, calibration_fraction)
+        self.strategy = strategy
+        if self.config.layers:
+            LayerTap(model, self.config.layers)  # fails now, not at fit time, for unknown layer names
+        self.gga_loda: LODA | None = None
+        self.gga_mean = self.gga_std = None
+        self.gaussians: dict[str, TiedGaussian] = {}
+        self.reference: ReferenceTails | None = None
+        self.center = self.scale = None
+        self.joint_loda: LODA | None = None
+        self.joint_mean = self.joint_std = None
+        self.calibration = ConformalCalibration(alpha)
+        self.fit_stats: CompositeFitStats | None = None
+        self.model_fingerprint: str | None = None
+
+    # ------------------------------------------------------------------ signals
+
+    @property
+    def alpha(self) -> float:
+        return self.config.alpha
+
+    @property
+    def fitted(self) -> bool:
+        return self.calibration.fitted
+
+    @property
+    def threshold(self) -> float:
+        return self.calibration.threshold
+
+    @property
+    def component_names(self) -> list[str]:
+        c = self.config
+        names = ["gga"] if c.use_gga else []
+        names += ["margin", "energy"] if c.use_logits else []
+        names += [f"layer:{n}" for n in c.layers or ()]
+        return names
+
+    def signals(self, x: torch.Tensor, return_csm: bool = False,
+                timings: dict[str, float] | None = None) -> Signals:
+        """The signals of one batch x [B, *input_shape] from one pass (see :class:`Signals`)."""
+        c = self.config
+        x = torch.as_tensor(x).to(device_of(self.model))
+        if x.dim() < 2 or len(x) == 0:
+            raise ValueError(f"x must be a non-empty batch [B, *input_shape], got shape {tuple(x.shape)}")
+        tap = LayerTap(self.model, c.layers) if c.layers else None
+        with tap if tap is not None else _null():
+            if c.use_gga:
+                top_n = None if c.top_n is None else c.top_n
+                res = cosine_similarity_maps(self.model, x, top_n, strategy=self.strategy, timings=timings)
+                logits, classes = res.logits, res.classes
+                feats = csm_features(res.csm).double().cpu()
+                csm = res.csm.cpu() if return_csm else None
+            else:
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    logits = self.model(x)
+                if logits.dim() != 2:
+                    raise ValueError(f"the model must return logits [B, C], got shape {tuple(logits.shape)}")
+                n = logits.shape[1] if c.top_n is None else min(c.top_n, logits.shape[1])
+                classes = torch.topk(logits, n, dim=1).indices
+                feats = csm = None
+                if timings is not None:
+                    timings["forward"] = timings.get("forward", 0.0) + time.perf_counter() - t0
+        layers = tap.features(len(x)) if tap is not None else {}
+        return Signals(logits.detach().cpu(), classes.cpu(), feats, layers, csm)
+
+    def _signals_batched(self, x: torch.Tensor, batch_size: int, progress, offset: int, total: int) -> Signals:
+        parts = []
+        for start in range(0, len(x), batch_size):
+            parts.append(self.signals(x[start:start + batch_size]))
+            if progress is not None:
+                progress(offset + min(start + batch_size, len(x)), total)
+        return Signals.cat(parts)
+
+    # ------------------------------------------------------------------ components
+
+    def component_scores(self, s: Signals) -> torch.Tensor:
+        """Raw component scores [B, K] (float64) in the order of :attr:`component_names`."""
+        c, cols = self.config, []
+        if c.use_gga:
+            cols.append(self.gga_loda.score((s.csm_features - self.gga_mean) / self.gga_std))
+        if c.use_logits:
+            cols += [logit_margin(s.logits), energy_score(s.logits)]
+        for name in c.layers or ():
+            cols.append(self.gaussians[name].score(s.layers[name]))
+        return torch.stack(cols, dim=1)
+
+    def _joint(self, s: Signals, comp: torch.Tensor) -> torch.Tensor:
+        """The joint vector of the ``loda`` combiner: CSM features, margin, energy, log distances."""
+        c, cols, k = self.config, [], 0
+        if c.use_gga:
+            cols.append(s.csm_features)
+            k = 1
+        if c.use_logits:
+            cols.append(comp[:, k:k + 2])
+            k += 2
+        if c.layers:
+            cols.append(torch.log1p(comp[:, k:].clamp(min=0)))
+        return torch.cat(cols, dim=1)
+
+    def statistic(self, s: Signals) -> tuple[torch.Tensor, torch.Tensor]:
+        """Combined statistic [B] (higher = more anomalous) and the components' log p-values [B, K]."""
+        comp = self.component_scores(s)
+        log_p = self.reference.log_p(comp)
+        how = self.config.combine
+        if how in ("fisher", "min"):
+            return combine(log_p, how), log_p
+        if how == "sum":
+            z = (comp - self.center) / self.scale
+            z = torch.where(self.reference.two_sided, z.abs(), z)
+            return z.sum(dim=1), log_p
+        joint = (self._joint(s, comp) - self.joint_mean) / self.joint_std
+        return self.joint_loda.score(joint), log_p
+
+    # ------------------------------------------------------------------ fit
+
+    def fit(self, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256,
+            progress: Callable[[int, int], None] | None = None, *,
+            calibration: tuple[torch.Tensor, torch.Tensor] | None = None) -> Self:
+        """Fit on labelled in-distribution data x [n, *input_shape], y [n]; returns self.
+
+        ``calibration=(x_cal, y_cal)``: held-out data (not trained on) for the conformal
+        calibration; without it a seeded ``calibration_fraction`` of x is held out.
+        Raises ValueError when too few samples are classified correctly, or when the
+        calibration set is too small to ever flag at ``alpha``.
+        """
+        t0 = time.perf_counter()
+        x, y = _check_xy(x, y)
+        total = len(x) + (len(calibration[0]) if calibration is not None else 0)
+        sig = self._signals_batched(x, batch_size, progress, 0, total)
+        cal_sig = None
+        if calibration is not None:
+            xc, _ = _check_xy(*calibration)
+            cal_sig = self._signals_batched(xc, batch_size, progress, len(x), total)
+        return self.fit_signals(sig, y, cal_sig, started=t0)
+
+    def fit_signals(self, sig: Signals, y: torch.Tensor, cal_sig: Signals | None = None, *,
+                    started: float | None = None) -> Self:
+        """:meth:`fit` from precomputed signals (of x, and of the calibration data when given)."""
+        t0 = time.perf_counter() if started is None else started
+        c = self.config
+        y = torch.as_tensor(y).long().cpu()
+        n = len(y)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(c.seed))
+        separate = cal_sig is not None
+        if cal_sig is None:
+            n_cal = round(n * c.calibration_fraction)
+            cal_sig, perm = sig.rows(perm[:n_cal]), perm[n_cal:]
+        correct = perm[(sig.classes[perm, 0] == y[perm])]
+        n_correct = len(correct)
+        n_ref = round(n_correct * c.reference_fraction)
+        fit_idx, ref_idx = correct[n_ref:], correct[:n_ref]
+        if len(fit_idx) < 20 or n_ref < 20:
+            raise ValueError(f"only {n_correct} correctly classified samples to fit the composite "
+                             f"({len(fit_idx)} to fit, {n_ref} for reference); pass at least 100 more")
+        fit_sig, ref_sig = sig.rows(fit_idx), sig.rows(ref_idx)
+        if c.use_gga:
+            f = fit_sig.csm_features
+            self.gga_mean, self.gga_std = f.mean(dim=0), _nonzero(f.std(dim=0))
+            self.gga_loda = LODA(c.n_projections, c.n_bins, c.seed).fit((f - self.gga_mean) / self.gga_std)
+        self.gaussians = {name: TiedGaussian.fit(fit_sig.layers[name], y[fit_idx]) for name in c.layers or ()}
+        ref = self.component_scores(ref_sig)
+        names = self.component_names
+        self.reference = ReferenceTails(ref, torch.tensor([name in TWO_SIDED for name in names]))
+        q = torch.quantile(ref, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64), dim=0)
+        self.center, self.scale = q[1], _nonzero((q[2] - q[0]) / 1.349)
+        if c.combine == "loda":
+            joint = self._joint(ref_sig, ref)
+            self.joint_mean, self.joint_std = joint.mean(dim=0), _nonzero(joint.std(dim=0))
+            self.joint_loda = LODA(c.n_projections, c.n_bins, c.seed).fit((joint - self.joint_mean) / self.joint_std)
+        cal_stat, _ = self.statistic(cal_sig)
+        self.calibration = ConformalCalibration(c.alpha).fit(cal_stat)
+        self.model_fingerprint = model_fingerprint(self.model)
+        self.fit_stats = CompositeFitStats(
+            n_samples=n + (len(cal_stat) if separate else 0), n_correct=n_correct,
+            model_accuracy=n_correct / max(len(perm), 1), n_fit=len(fit_idx), n_reference=n_ref,
+            n_calibration=len(cal_stat), threshold=self.threshold, seconds=round(time.perf_counter() - t0, 3))
+        return self
+
+    # ------------------------------------------------------------------ score
+
+    def score(self, x: torch.Tensor, return_csm: bool = False, batch_size: int | None = None,
+              timings: dict[str, float] | None = None) -> GGAScores:
+        """Score a batch x [B, *input_shape]; see :class:`detectors.gga.GGAScores`."""
+        if not self.fitted:
+            raise RuntimeError("the detector is not fitted: call fit(x, y) or load a saved one")
+        x = torch.as_tensor(x)
+        step = batch_size or max(len(x), 1)
+        return GGAScores.cat([self.score_signals(self.signals(x[start:start + step], return_csm, timings), timings)
+                              for start in range(0, len(x), step)])
+
+    def score_signals(self, s: Signals, timings: dict[str, float] | None = None) -> GGAScores:
+        """:meth:`score` from precomputed signals."""
+        t0 = time.perf_counter()
+        stat, log_p = self.statistic(s)
+        trust = self.calibration.trust(stat)
+        if timings is not None:
+            timings["score"] = timings.get("score", 0.0) + time.perf_counter() - t0
+        probs = torch.softmax(s.logits.float(), dim=1)
+        return GGAScores(label=s.classes[:, 0], confidence=probs.gather(1, s.classes[:, :1])[:, 0],
+                         top_classes=s.classes, score=stat, trust=trust, flagged=trust < self.alpha,
+                         features=log_p.float(), csm=s.csm)
+
+    # ------------------------------------------------------------------ persistence
+
+    def metadata(self) -> dict:
+        if not self.fitted:
+            raise RuntimeError("the detector is not fitted")
+        return {"kind": KIND, "format_version": FORMAT_VERSION, "config": asdict(self.config),
+                "components": self.component_names, "model_fingerprint": self.model_fingerprint,
+                "fit": asdict(self.fit_stats)}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        c, state = self.config, {}
+        if c.use_gga:
+            state.update({f"gga.loda.{k}": v for k, v in self.gga_loda.state_dict().items()})
+            state.update({"gga.mean": self.gga_mean, "gga.std": self.gga_std})
+        for name, g in self.gaussians.items():
+            state.update(g.state_dict(f"layer.{name}."))
+        state.update(self.reference.state_dict("reference."))
+        state.update({"reference.center": self.center, "reference.scale": self.scale})
+        if c.combine == "loda":
+            state.update({f"joint.loda.{k}": v for k, v in self.joint_loda.state_dict().items()})
+            state.update({"joint.mean": self.joint_mean, "joint.std": self.joint_std})
+        state.update(self.calibration.state_dict())
+        return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> Self:
+        """Restore fitted state; every tensor is checked (present, shaped, finite) first."""
+        c = self.config
+        bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()
+               and not k.endswith("log_density")]
+        if bad:
+            raise ValueError(f"detector state has NaN or inf in {bad}")
+        try:
+            if c.use_gga:
+                self.gga_loda = LODA(c.n_projections, c.n_bins, c.seed).load_state_dict(_sub(state, "gga.loda."))
+                self.gga_mean, self.gga_std = state["gga.mean"].double(), state["gga.std"].double()
+            self.gaussians = {n: TiedGaussian.from_state_dict(state, f"layer.{n}.") for n in c.layers or ()}
+            self.reference = ReferenceTails.from_state_dict(state, "reference.")
+            self.center, self.scale = state["reference.center"].double(), state["reference.scale"].double()
+            if c.combine == "loda":
+                self.joint_loda = LODA(c.n_projections, c.n_bins, c.seed).load_state_dict(_sub(state, "joint.loda."))
+                self.joint_mean, self.joint_std = state["joint.mean"].double(), state["joint.std"].double()
+        except KeyError as exc:
+            raise ValueError(f"detector state is missing {exc}") from exc
+        k = len(self.component_names)
+        if self.reference.sorted.shape[1] != k or self.center.shape != (k,) or self.scale.shape != (k,):
+            raise ValueError(f"detector state has {self.reference.sorted.shape[1]} components, the config "
+                             f"declares {k}")
+        self.calibration = ConformalCalibration(c.alpha).load_state_dict(state)
+        return self
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``detector.safetensors`` and ``detector.json`` into ``directory`` (fsynced)."""
+        meta = self.metadata()
+        meta["threshold"] = meta["fit"]["threshold"] if math.isfinite(meta["fit"]["threshold"]) else None
+        return write_detector(directory, self.state_dict(), meta)
+
+    @classmethod
+    def load(cls, directory: str | Path, model: torch.nn.Module, *, strategy: str = "auto",
+             check_fingerprint: bool = True) -> CompositeDetector:
+        """Load a saved composite for ``model``; refuses one fitted for other weights or with bad state."""
+        directory = Path(directory)
+        meta = read_meta(directory)
+        if meta.get("kind") != KIND or meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{directory}: not a composite detector of format {FORMAT_VERSION} "
+                             f"(kind {meta.get('kind')!r}, version {meta.get('format_version')!r})")
+        if check_fingerprint:
+            _check_fingerprint(meta, model, directory)
+        cfg = dict(meta["config"])
+        det = cls(model, **cfg, strategy=strategy)
+        det.load_state_dict(load_file(str(directory / TENSORS_FILE)))
+        det.model_fingerprint = meta["model_fingerprint"]
+        det.fit_stats = CompositeFitStats(**meta["fit"])
+        return det
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return None
+
+
+def _nonzero(std: torch.Tensor) -> torch.Tensor:
+    return torch.where(std > 0, std, torch.ones_like(std))
+
+
+def _sub(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _check_xy(x, y) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = torch.as_tensor(x), torch.as_tensor(y).long().cpu()
+    if x.dim() < 2 or y.dim() != 1 or len(x) != len(y):
+        raise ValueError(f"x [n, ...] and y [n] must have the same length, got {tuple(x.shape)} and {tuple(y.shape)}")
+    if not torch.isfinite(x).all():
+        raise ValueError("x contains NaN or inf")
+    return x, y
