@@ -12,14 +12,15 @@ import time
 from contextlib import asynccontextmanager
 
 import torch
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from detectors.fingerprint import model_fingerprint
 from detectors.gga import GGADetector
 from service.artifacts import BUNDLED_VERSION, ArtifactStore
 from service.batcher import DynamicBatcher
-from service.errors import install_error_handlers
+from service.errors import install_error_handlers, internal_error
 from service.fitjobs import FitJobManager
 from service.metrics import ServiceMetrics
 from service.models import load_model
@@ -49,6 +50,53 @@ def _initial_detector(model: torch.nn.Module, store: ArtifactStore) -> tuple[GGA
         except ValueError as exc:  # fitted for another model: serve without a detector until /fit
             log.info("bundled detector not used: %s", exc)
     return None, None
+
+
+class RequestMetrics:
+    """Counts every HTTP response in ``gga_requests_total{route,status}`` and times it.
+
+    A plain ASGI middleware (inside Starlette's server-error layer): it sees the status
+    of every response, the 4xx of :class:`ApiError` as well as 500s, and is the one place
+    where an unhandled exception becomes an answer: :func:`service.errors.internal_error`
+    (500 envelope, traceback logged), counted like any response, the connection kept open.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        status: int | None = None
+
+        async def send_seen(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            try:
+                await self.app(scope, receive, send_seen)
+            except Exception as exc:
+                if status is not None:  # the answer has begun: nothing left but to let the server close it
+                    raise
+                await internal_error(scope, exc)(scope, receive, send_seen)
+        finally:
+            if status is not None:
+                self._count(scope, status, time.perf_counter() - t0)
+
+    @staticmethod
+    def _count(scope: Scope, status: int, seconds: float) -> None:
+        app = scope.get("app")
+        m = getattr(app.state, "metrics", None) if app is not None else None
+        if m is None:
+            return
+        label = getattr(scope.get("route"), "path", None) or "unmatched"
+        m.requests.labels(route=label, status=str(status)).inc()
+        m.request_seconds.labels(route=label).observe(seconds)
 
 
 def create_app(settings: Settings | None = None, registry: CollectorRegistry | None = None) -> FastAPI:
@@ -108,16 +156,6 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
     install_error_handlers(app)
     app.include_router(router)
 
-    @app.middleware("http")
-    async def _count_requests(request: Request, call_next):
-        t0 = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        label = getattr(route, "path", None) or "unmatched"
-        m = getattr(request.app.state, "metrics", None)
-        if m is not None:
-            m.requests.labels(route=label, status=str(response.status_code)).inc()
-            m.request_seconds.labels(route=label).observe(time.perf_counter() - t0)
-        return response
+    app.add_middleware(RequestMetrics)
 
     return app

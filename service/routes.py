@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import secrets
 from pathlib import Path
 
@@ -13,15 +12,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
 from service.batcher import BatcherClosedError, QueueFullError, QueueTimeoutError, RequestTooLargeError
-from service.decode import (
-    NPY_TYPES,
-    decode_json_inputs,
-    decode_npy,
-    media_type,
-    parse_json_body,
-    validate_batch,
-)
+from service.decode import NPY_TYPES, body_stream, decode_json_inputs, decode_npy, media_type, parse_json_body
 from service.errors import ApiError
+from service.fitdata import load_npz as _load_npz
+from service.fitdata import read_form
 from service.fitjobs import FitBusyError
 from service.schemas import (
     ErrorResponse,
@@ -63,16 +57,8 @@ _FIT_BODY = {
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, "payload_too_large", f"request body is {declared} bytes; the limit is {limit} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, "payload_too_large", f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    """The whole body; 413 as soon as it exceeds ``limit`` bytes (Content-Length or the running count)."""
+    return b"".join([chunk async for chunk in body_stream(request, limit)])
 
 
 @router.post("/predict", response_model=PredictResponse, responses=_ERRORS, openapi_extra=_PREDICT_BODY,
@@ -130,53 +116,17 @@ async def predict(request: Request, return_csm: bool = False) -> Response:
 
 def _require_admin(request: Request) -> None:
     token = request.app.state.settings.admin_token
-    if token is None:
-        raise ApiError(403, "fit_disabled", "POST /fit is disabled: start the service with GGA_ADMIN_TOKEN set and "
-                       "send it as 'Authorization: Bearer <token>'")
-    header = request.headers.get("authorization", "")
-    scheme, _, given = header.partition(" ")
-    if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(),
-                                                                token.get_secret_value().encode()):
+    secret = token.get_secret_value().strip() if token is not None else ""
+    if not secret:  # unset or blank (Settings turns a blank one into None; this holds for any Settings)
+        raise ApiError(403, "fit_disabled", "POST /fit is disabled: start the service with GGA_ADMIN_TOKEN set (not "
+                       "empty) and send it as 'Authorization: Bearer <token>'")
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    given = given.strip()
+    # constant time in the token; header values arrive latin-1 decoded, so encode them back to the raw bytes
+    match = secrets.compare_digest(given.encode("latin-1"), secret.encode("utf-8"))
+    if scheme.lower() != "bearer" or not given or not match:
         raise ApiError(401, "unauthorized", "missing or wrong bearer token (Authorization: Bearer <token>)",
                        headers={"WWW-Authenticate": "Bearer"})
-
-
-FitData = tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None]
-
-
-def _load_npz(data: bytes | Path, input_shape: tuple[int, ...], n_classes: int) -> FitData:
-    """x, y and the optional calibration pair (x_cal, y_cal) of a /fit archive, validated."""
-    try:
-        with np.load(io.BytesIO(data) if isinstance(data, bytes) else data, allow_pickle=False) as npz:
-            if not hasattr(npz, "files") or "x" not in npz.files or "y" not in npz.files:
-                raise ApiError(422, "invalid_input", "the .npz must hold arrays 'x' (n, *input_shape) and 'y' (n,)")
-            if ("x_cal" in npz.files) != ("y_cal" in npz.files):
-                raise ApiError(422, "invalid_input", "calibration data needs both 'x_cal' and 'y_cal'")
-            arrays = {k: npz[k] for k in ("x", "y", "x_cal", "y_cal") if k in npz.files}
-    except ApiError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - numpy raises several types for a bad archive
-        raise ApiError(400, "malformed_npz", f"not a valid .npz archive (pickled arrays are refused): {exc}") from exc
-    x, y = _check_pair(arrays["x"], arrays["y"], "x", "y", input_shape, n_classes)
-    cal = None
-    if "x_cal" in arrays:
-        cal = _check_pair(arrays["x_cal"], arrays["y_cal"], "x_cal", "y_cal", input_shape, n_classes)
-    return x, y, cal
-
-
-def _check_pair(x: np.ndarray, y: np.ndarray, xn: str, yn: str, input_shape: tuple[int, ...],
-                n_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    if x.dtype.kind not in "f":
-        raise ApiError(422, "invalid_dtype", f"{xn} has dtype {x.dtype}; expected floats (float32) scaled like the "
-                       "model's input")
-    x = validate_batch(x, input_shape)
-    if y.ndim != 1 or y.dtype.kind not in "iu":
-        raise ApiError(422, "invalid_input", f"{yn} must be a 1-D integer array of labels, got {y.dtype} {y.shape}")
-    if len(y) != len(x):
-        raise ApiError(422, "invalid_input", f"{xn} has {len(x)} samples but {yn} has {len(y)} labels")
-    if y.min() < 0 or y.max() >= n_classes:
-        raise ApiError(422, "invalid_input", f"labels in {yn} must be in [0, {n_classes - 1}]")
-    return x, y.astype(np.int64)
 
 
 @router.post("/fit", status_code=202, response_model=FitAccepted, openapi_extra=_FIT_BODY,
@@ -191,21 +141,20 @@ async def fit(request: Request) -> Response:
     limit = st.settings.max_fit_bytes
     shape, n_classes = st.card.input_shape, len(st.card.class_names)
     if ctype == "multipart/form-data":
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise ApiError(413, "payload_too_large", f"upload is {declared} bytes; the limit is {limit} bytes")
-        form = await request.form()
+        form = await read_form(request, limit)
         upload = form.get("file")
         if upload is None or isinstance(upload, str):
             raise ApiError(422, "invalid_input", "multipart upload needs a file field named 'file' (.npz)")
-        data = await upload.read()
-        x, y, cal = await run_in_threadpool(_load_npz, data, shape, n_classes)
+        try:  # the upload spooled to a temporary file: read the archive from there, not from a copy in memory
+            x, y, cal = await run_in_threadpool(_load_npz, upload.file, shape, n_classes, limit)
+        finally:
+            await form.close()
     elif ctype == "application/json":
         doc = parse_json_body(await _read_body(request, 64 * 1024))
         if not isinstance(doc.get("path"), str):
             raise ApiError(422, "invalid_input", 'expected {"path": "<file inside GGA_DATA_DIR>"}')
         path = _data_path(st.settings.data_dir, doc["path"])
-        x, y, cal = await run_in_threadpool(_load_npz, path, shape, n_classes)
+        x, y, cal = await run_in_threadpool(_load_npz, path, shape, n_classes, None)  # the operator's file: no limit
     else:
         raise ApiError(415, "unsupported_media_type", "send multipart/form-data with a 'file' field (.npz) or JSON "
                        '{"path": ...}')
@@ -221,11 +170,19 @@ async def fit(request: Request) -> Response:
 def _data_path(data_dir: Path | None, rel: str) -> Path:
     if data_dir is None:
         raise ApiError(403, "forbidden", "fitting from a server path is disabled: set GGA_DATA_DIR")
-    root = data_dir.resolve()
-    path = (root / rel).resolve()
-    if not path.is_relative_to(root):
+    if not rel.strip() or "\x00" in rel:
+        raise ApiError(422, "invalid_input", '"path" must name a file inside GGA_DATA_DIR (not empty, no NUL bytes)')
+    try:
+        root = data_dir.resolve()
+        path = (root / rel).resolve()
+        inside = path.is_relative_to(root)
+        found = inside and path.is_file()
+    except (OSError, ValueError, RuntimeError) as exc:  # too long, not encodable, a symlink loop
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ApiError(422, "invalid_input", f"path {rel[:200]!r} is not a usable file name: {reason}") from exc
+    if not inside:
         raise ApiError(403, "forbidden", f"path {rel!r} is outside the data directory")
-    if not path.is_file():
+    if not found:
         raise ApiError(404, "not_found", f"no file {rel!r} in the data directory")
     return path
 

@@ -6,11 +6,14 @@ at import time) and passed to ``create_app(settings)``.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+log = logging.getLogger("service.settings")
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
 
@@ -47,7 +50,10 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(30.0, gt=0, description="queue wait beyond which a request gets 504")
     max_request_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest accepted request body")
     max_fit_bytes: int = Field(512 * 1024 * 1024, ge=1024, description="largest accepted /fit upload")
-    admin_token: SecretStr | None = Field(None, description="bearer token for POST /fit (unset: /fit disabled)")
+    admin_token: SecretStr | None = Field(
+        None, description="bearer token for POST /fit (unset, empty or blank: /fit disabled); surrounding "
+        "whitespace is ignored"
+    )
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (None: torch's default)")
     fit_batch_size: int = Field(256, ge=1)
     host: str = "127.0.0.1"
@@ -60,3 +66,17 @@ class Settings(BaseSettings):
         if not v.strip():
             raise ValueError("model must not be empty")
         return v.strip()
+
+    @field_validator("admin_token", mode="before")
+    @classmethod
+    def _admin_token(cls, v: object) -> object:
+        """A blank token (``GGA_ADMIN_TOKEN=""``, what compose passes when it is unset) is
+        unset: it would otherwise admit ``Authorization: Bearer`` with nothing after it."""
+        raw = v.get_secret_value() if isinstance(v, SecretStr) else v
+        if not isinstance(raw, str):
+            return v
+        if not raw.strip():
+            log.warning("GGA_ADMIN_TOKEN is set but empty: POST /fit stays disabled until it is set to a "
+                        "non-blank token")
+            return None
+        return raw.strip()
