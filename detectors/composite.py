@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Self
 
@@ -152,8 +152,6 @@ class CompositeDetector:
                  calibration_fraction: float = 0.2, strategy: str = "auto") -> None:
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-        if use_layers and layers is None:
-            layers = default_layers(model)
         self.model = model
         self.config = CompositeConfig(top_n, alpha, combine, use_gga, use_logits, use_layers,
                                       tuple(layers) if layers is not None and use_layers else None, n_bins,
@@ -161,6 +159,7 @@ class CompositeDetector:
         self.strategy = strategy
         if self.config.layers:
             LayerTap(model, self.config.layers)  # fails now, not at fit time, for unknown layer names
+        self._auto_layers = use_layers and layers is None
         self.gga_loda: LODA | None = None
         self.gga_mean = self.gga_std = None
         self.gaussians: dict[str, TiedGaussian] = {}
@@ -197,10 +196,15 @@ class CompositeDetector:
     def signals(self, x: torch.Tensor, return_csm: bool = False,
                 timings: dict[str, float] | None = None) -> Signals:
         """The signals of one batch x [B, *input_shape] from one pass (see :class:`Signals`)."""
-        c = self.config
         x = torch.as_tensor(x).to(device_of(self.model))
         if x.dim() < 2 or len(x) == 0:
             raise ValueError(f"x must be a non-empty batch [B, *input_shape], got shape {tuple(x.shape)}")
+        if self._auto_layers:
+            if self.fitted:
+                raise RuntimeError("a fitted composite must know its layers")
+            self.config = replace(self.config, layers=tuple(default_layers(self.model, x[:1])))
+            self._auto_layers = False
+        c = self.config
         tap = LayerTap(self.model, c.layers) if c.layers else None
         with tap if tap is not None else _null():
             if c.use_gga:

@@ -14,9 +14,8 @@ Layer signals: :class:`LayerTap` records, during any forward pass, the channel m
 of the outputs of named submodules: an output [B, C, *spatial] becomes [B, C] (the mean
 over every axis after the channel axis), an output [B, D] is kept as it is. Works for
 any input rank (images, series, vectors). Which layers: the model card's
-``feature_layers``; without one, :func:`default_layers` takes the model's top-level
-children except the last one (the outputs of the top-level blocks; the last child is
-taken to produce the logits).
+``feature_layers``; without one, :func:`default_layers` takes the outputs of the
+model's top-level children, except the one that returns the logits.
 """
 
 from __future__ import annotations
@@ -37,15 +36,33 @@ def logit_margin(logits: torch.Tensor) -> torch.Tensor:
     return z.gather(1, top)[:, 0] - torch.logsumexp(rest, dim=1)
 
 
-def default_layers(model: nn.Module) -> list[str]:
-    """The names of the model's top-level children, without the last one (the logits)."""
-    names = [name for name, _ in model.named_children()]
-    if len(names) < 2:
-        raise ValueError(
-            "cannot pick feature layers for a model with fewer than two top-level children: declare "
-            "'feature_layers' (names from model.named_modules()) in the model card"
-        )
-    return names[:-1]
+def default_layers(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """The model's top-level children whose outputs are features, found by one probe pass.
+
+    Runs ``model(example)`` (a batch of one or more inputs, no gradients) with a hook on
+    every top-level child and keeps, in declaration order, the children that were called
+    and returned a tensor [B, ...] other than the logits themselves (the child that
+    produces the model's output is the classifier head, not a feature layer).
+    """
+    seen: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, child in model.named_children():
+        def record(_m, _i, out, name=name):
+            if isinstance(out, torch.Tensor) and out.dim() >= 2:
+                seen[name] = out
+        handles.append(child.register_forward_hook(record))
+    try:
+        with torch.no_grad():
+            z = model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    names = [n for n, _ in model.named_children()
+             if n in seen and not (seen[n].data_ptr() == z.data_ptr() and seen[n].shape == z.shape)]
+    if not names:
+        raise ValueError("found no feature layer among the model's top-level children: declare 'feature_layers' "
+                         "(names from model.named_modules()) in the model card")
+    return names
 
 
 def channel_means(out: torch.Tensor) -> torch.Tensor:

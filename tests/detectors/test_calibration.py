@@ -30,3 +30,37 @@ def test_flag_rate_matches_alpha_on_exchangeable_scores():
     fresh = torch.randn(5000, generator=g, dtype=torch.float64)
     rate = (conformal_p_values(fresh, cal) < 0.05).double().mean().item()
     assert abs(rate - 0.05) <= 0.02
+
+
+def test_min_calibration_size_is_the_first_n_that_can_flag():
+    import pytest
+
+    from detectors.calibration import min_calibration_size
+
+    assert [min_calibration_size(a) for a in (0.05, 0.01, 0.3, 0.1)] == [20, 100, 3, 10]
+    for alpha in (0.05, 0.01, 0.3, 0.1, 0.07):
+        n = min_calibration_size(alpha)
+        assert conformal_threshold(torch.arange(float(n)), alpha) < math.inf
+        assert conformal_threshold(torch.arange(float(n - 1)), alpha) == math.inf
+    with pytest.raises(ValueError):
+        min_calibration_size(1.0)
+
+
+def test_conformal_calibration_wrapper():
+    import pytest
+
+    from detectors.calibration import ConformalCalibration
+
+    cal = ConformalCalibration(0.05).fit(torch.tensor([3.0, 1.0, 2.0] + [0.0] * 17))
+    assert cal.scores.tolist() == [0.0] * 17 + [1.0, 2.0, 3.0]
+    assert cal.trust(torch.tensor([3.5, 3.0])).tolist() == [1 / 21, 2 / 21]
+    assert cal.flagged(torch.tensor([3.5, 3.0])).tolist() == [True, False]
+    assert cal.threshold == 3.0
+    again = ConformalCalibration(0.05).load_state_dict(cal.state_dict())
+    assert torch.equal(again.scores, cal.scores)
+    with pytest.raises(ValueError, match="at least 20"):
+        ConformalCalibration(0.05).fit(torch.zeros(19))
+    with pytest.raises(ValueError, match="NaN"):
+        ConformalCalibration(0.05).fit(torch.tensor([float("nan")] * 30))
+    with pytest.raises(RuntimeError, match="not fitted"):
+        ConformalCalibration(0.05).trust(torch.zeros(1))

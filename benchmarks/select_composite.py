@@ -1,0 +1,171 @@
+"""Choose the composite detector's configuration on VALIDATION data only.
+
+    python -m benchmarks.select_composite --dataset mnist --data-dir ../shared/data
+    python -m benchmarks.select_composite --dataset cifar10 --data-dir ../shared/data
+
+Uses the reproduction's fit data and its validation split (``benchmarks.splits``
+builds and caches it; the test split is never read here). The signals of every input
+are computed once (full CSM, every candidate layer); each configuration is then fitted
+and scored from them:
+
+- combiners: Fisher, minimum p-value, sum of standardised scores, LODA over the joint
+  vector;
+- ablations: without GGA, GGA alone, without logit signals, without layer distances;
+- the CSM's top-N (3, 5, all classes) and the candidate layer sets.
+
+Per configuration: AUROC and TNR at 95% TPR of clean (correctly classified) validation
+inputs against each validation type, their means, the flag rate on all clean
+validation inputs at alpha 0.05, and the misclassification AUROC (wrong vs right).
+Writes ``<out>/select_<dataset>.json`` and prints a table sorted by mean AUROC.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks import reproduce as R
+from benchmarks.splits import DEFAULT_CACHE, load_split, split_key
+from detectors.composite import CompositeDetector, Signals
+from detectors.features import csm_features
+from detectors.metrics import auroc, tnr_at_tpr
+from detectors.signals import default_layers
+
+CANDIDATE_LAYERS = {
+    "mnist": {
+        "convs+fc1": ["features.1", "features.3", "features.6", "features.8", "act"],
+        "convs": ["features.1", "features.3", "features.6", "features.8"],
+        "default": None,
+    },
+    "cifar10": {
+        "stages": ["relu", "layer1", "layer2", "layer3"],
+        "blocks": ["relu"] + [f"layer{s}.{i}" for s in (1, 2, 3) for i in range(9)],
+        "default": None,
+    },
+}
+
+
+def all_layers(model, dataset: str, example: torch.Tensor) -> list[str]:
+    names = []
+    for key, layers in CANDIDATE_LAYERS[dataset].items():
+        if layers is None:
+            layers = CANDIDATE_LAYERS[dataset][key] = default_layers(model, example)
+        names += layers
+    return list(dict.fromkeys(names))
+
+
+def compute(det: CompositeDetector, x: torch.Tensor, batch: int) -> Signals:
+    parts = [det.signals(x[s:s + batch], return_csm=True) for s in range(0, len(x), batch)]
+    return Signals.cat(parts)
+
+
+def with_top_n(sig: Signals, n: int | None) -> Signals:
+    csm = sig.csm if n is None else sig.csm[:, :n, :n]
+    return dataclasses.replace(sig, csm_features=csm_features(csm).double(), csm=None)
+
+
+def evaluate(det: CompositeDetector, sets: dict[str, Signals], ood: tuple[str, ...], types: tuple[str, ...],
+             clean_all: Signals, clean_y: torch.Tensor) -> dict:
+    scores = {k: det.score_signals(v).score.numpy() for k, v in sets.items()}
+    s_in = scores["clean"]
+    out = {}
+    for t in types:
+        s_out = np.concatenate([scores[k] for k in ood]) if t == "ood" else scores.get(t)
+        if s_out is None or len(s_out) == 0:
+            continue
+        out[t] = {"auroc": 100 * auroc(s_in, s_out), "tnr": 100 * tnr_at_tpr(s_in, s_out), "n": int(len(s_out))}
+    res = det.score_signals(clean_all)
+    wrong = (res.label != clean_y).numpy()
+    mis = 100 * auroc(res.score.numpy()[~wrong], res.score.numpy()[wrong]) if wrong.any() else None
+    valid = [v for v in out.values()]
+    return {
+        "types": out,
+        "mean_auroc": float(np.mean([v["auroc"] for v in valid])),
+        "mean_tnr": float(np.mean([v["tnr"] for v in valid])),
+        "min_tnr": float(np.min([v["tnr"] for v in valid])),
+        "clean_flag_rate": float(res.flagged.float().mean()),
+        "misclassification_auroc": mis,
+        "n_wrong": int(wrong.sum()),
+    }
+
+
+def configurations(dataset: str) -> list[dict]:
+    layer_sets = list(CANDIDATE_LAYERS[dataset])
+    first = layer_sets[0]
+    cfgs = []
+    for comb in ("fisher", "min", "sum", "loda"):
+        for ls in layer_sets:
+            cfgs.append({"combine": comb, "layers": ls, "top_n": 5})
+    for n in (3, None):
+        cfgs.append({"combine": "fisher", "layers": first, "top_n": n})
+    for comb in ("fisher", "sum"):
+        cfgs += [
+            {"combine": comb, "layers": first, "top_n": 5, "use_gga": False},
+            {"combine": comb, "layers": first, "top_n": 5, "use_logits": False},
+            {"combine": comb, "layers": None, "top_n": 5, "use_layers": False},
+        ]
+    cfgs.append({"combine": "fisher", "layers": None, "top_n": 5, "use_layers": False, "use_logits": False})
+    return cfgs
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
+    own, rest = p.parse_known_args(argv)
+    args = R.parse_args(rest)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sizes = R.resolve_sizes(args)
+    log = R.Log()
+    setup = (R.load_mnist if args.dataset == "mnist" else R.load_cifar)(args, sizes)
+    model = setup.model
+    for prm in model.parameters():
+        prm.requires_grad_(False)
+    val = load_split(own.cache_dir, args.dataset, "val", split_key(args, sizes, "val"))
+    if val is None:
+        raise SystemExit(f"no cached validation split: run python -m benchmarks.splits --split val {' '.join(rest)}")
+    batch = 250 if args.dataset == "mnist" else 50
+    probe = CompositeDetector(model, top_n=None, layers=all_layers(model, args.dataset, setup.fit_x[:2]))
+    log.stage("signals (full CSM, every candidate layer)")
+    fit_sig = compute(probe, setup.fit_x, batch)
+    cal_sig = compute(probe, setup.heldout_x, batch) if setup.heldout_x is not None else None
+    sets = {k: compute(probe, v, batch) for k, v in val.sets.items() if len(v)}
+    clean_x, clean_y = setup.val_src
+    clean_all = compute(probe, clean_x, batch)
+    types = R.VAL_TYPES
+    results = []
+    log.stage("configurations")
+    for cfg in configurations(args.dataset):
+        layers = CANDIDATE_LAYERS[args.dataset].get(cfg.get("layers")) if cfg.get("layers") else None
+        kw = {k: v for k, v in cfg.items() if k not in ("layers", "top_n")}
+        use_layers = cfg.get("use_layers", True)
+        det = CompositeDetector(model, top_n=cfg["top_n"], layers=layers if use_layers else None, **kw)
+        n = det.config.top_n
+        det.fit_signals(with_top_n(fit_sig, n), setup.fit_y,
+                        with_top_n(cal_sig, n) if cal_sig is not None else None)
+        row = evaluate(det, {k: with_top_n(v, n) for k, v in sets.items()}, setup.ood_sets, types,
+                       with_top_n(clean_all, n), clean_y)
+        row["config"] = {**cfg, "layer_names": list(det.config.layers or ())}
+        results.append(row)
+        t = row["types"]
+        log.info(f"{json.dumps(cfg):<95} meanAUROC {row['mean_auroc']:6.2f} meanTNR {row['mean_tnr']:6.2f} "
+                 f"minTNR {row['min_tnr']:6.2f} flag {100 * row['clean_flag_rate']:5.2f}% "
+                 f"mis {row['misclassification_auroc'] or float('nan'):6.2f} | "
+                 + " ".join(f"{k}:{v['auroc']:.1f}/{v['tnr']:.0f}" for k, v in t.items()))
+    results.sort(key=lambda r: (-r["mean_auroc"], -r["mean_tnr"]))
+    out = {"dataset": args.dataset, "command": "python -m benchmarks.select_composite " + " ".join(argv or []),
+           "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "runtime_s": log.finish(),
+           "validation_counts": {k: len(v) for k, v in val.sets.items()}, "results": results}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"select_{args.dataset}.json").write_text(json.dumps(R._clean_json(out), indent=1) + "\n")
+    return out
+
+
+if __name__ == "__main__":
+    main()
