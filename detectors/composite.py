@@ -43,7 +43,7 @@ import torch
 from safetensors.torch import load_file
 
 from detectors.calibration import ConformalCalibration
-from detectors.csm import STRATEGIES, cosine_similarity_maps
+from detectors.csm import STRATEGIES, check_logits, cosine_similarity_maps
 from detectors.energy import energy_score
 from detectors.features import csm_features
 from detectors.fingerprint import model_fingerprint
@@ -170,6 +170,7 @@ class CompositeDetector:
         self.calibration = ConformalCalibration(alpha)
         self.fit_stats: CompositeFitStats | None = None
         self.model_fingerprint: str | None = None
+        self.preset: str | None = None  # set by detectors.presets.build_detector
 
     # ------------------------------------------------------------------ signals
 
@@ -217,8 +218,7 @@ class CompositeDetector:
                 t0 = time.perf_counter()
                 with torch.no_grad():
                     logits = self.model(x)
-                if logits.dim() != 2:
-                    raise ValueError(f"the model must return logits [B, C], got shape {tuple(logits.shape)}")
+                check_logits(logits)
                 n = logits.shape[1] if c.top_n is None else min(c.top_n, logits.shape[1])
                 classes = torch.topk(logits, n, dim=1).indices
                 feats = csm = None
@@ -295,11 +295,12 @@ class CompositeDetector:
         if calibration is not None:
             xc, _ = _check_xy(*calibration)
             cal_sig = self._signals_batched(xc, batch_size, progress, len(x), total)
-        return self.fit_signals(sig, y, cal_sig, started=t0)
+        return self.fit_signals(sig, y, cal_sig, None if calibration is None else calibration[1], started=t0)
 
-    def fit_signals(self, sig: Signals, y: torch.Tensor, cal_sig: Signals | None = None, *,
-                    started: float | None = None) -> Self:
-        """:meth:`fit` from precomputed signals (of x, and of the calibration data when given)."""
+    def fit_signals(self, sig: Signals, y: torch.Tensor, cal_sig: Signals | None = None,
+                    cal_y: torch.Tensor | None = None, *, started: float | None = None) -> Self:
+        """:meth:`fit` from precomputed signals (of x, and of the calibration data when given; its labels
+        only count towards the reported accuracy: every calibration sample is used)."""
         t0 = time.perf_counter() if started is None else started
         c = self.config
         y = torch.as_tensor(y).long().cpu()
@@ -310,11 +311,10 @@ class CompositeDetector:
             n_cal = round(n * c.calibration_fraction)
             cal_sig, perm = sig.rows(perm[:n_cal]), perm[n_cal:]
         correct = perm[(sig.classes[perm, 0] == y[perm])]
-        n_correct = len(correct)
-        n_ref = round(n_correct * c.reference_fraction)
+        n_ref = round(len(correct) * c.reference_fraction)
         fit_idx, ref_idx = correct[n_ref:], correct[:n_ref]
         if len(fit_idx) < 20 or n_ref < 20:
-            raise ValueError(f"only {n_correct} correctly classified samples to fit the composite "
+            raise ValueError(f"only {len(correct)} correctly classified samples to fit the composite "
                              f"({len(fit_idx)} to fit, {n_ref} for reference); pass at least 100 more")
         fit_sig, ref_sig = sig.rows(fit_idx), sig.rows(ref_idx)
         if c.use_gga:
@@ -334,10 +334,14 @@ class CompositeDetector:
         cal_stat, _ = self.statistic(cal_sig)
         self.calibration = ConformalCalibration(c.alpha).fit(cal_stat)
         self.model_fingerprint = model_fingerprint(self.model)
+        n_right = int((sig.classes[:, 0] == y).sum())
+        if separate and cal_y is not None:
+            n_right += int((cal_sig.classes[:, 0] == torch.as_tensor(cal_y).long().cpu()).sum())
+        n_all = n + (len(cal_stat) if separate else 0)
         self.fit_stats = CompositeFitStats(
-            n_samples=n + (len(cal_stat) if separate else 0), n_correct=n_correct,
-            model_accuracy=n_correct / max(len(perm), 1), n_fit=len(fit_idx), n_reference=n_ref,
-            n_calibration=len(cal_stat), threshold=self.threshold, seconds=round(time.perf_counter() - t0, 3))
+            n_samples=n_all, n_correct=n_right, model_accuracy=n_right / n_all, n_fit=len(fit_idx),
+            n_reference=n_ref, n_calibration=len(cal_stat), threshold=self.threshold,
+            seconds=round(time.perf_counter() - t0, 3))
         return self
 
     # ------------------------------------------------------------------ score
@@ -369,7 +373,7 @@ class CompositeDetector:
     def metadata(self) -> dict:
         if not self.fitted:
             raise RuntimeError("the detector is not fitted")
-        return {"kind": KIND, "format_version": FORMAT_VERSION, "config": asdict(self.config),
+        return {"kind": KIND, "preset": self.preset, "format_version": FORMAT_VERSION, "config": asdict(self.config),
                 "components": self.component_names, "model_fingerprint": self.model_fingerprint,
                 "fit": asdict(self.fit_stats)}
 
@@ -436,6 +440,7 @@ class CompositeDetector:
         det.load_state_dict(load_file(str(directory / TENSORS_FILE)))
         det.model_fingerprint = meta["model_fingerprint"]
         det.fit_stats = CompositeFitStats(**meta["fit"])
+        det.preset = meta.get("preset")
         return det
 
 

@@ -32,6 +32,25 @@ CHANNEL_REDUCTIONS = (None, "max")
 RESCALE_TARGET = 10.0
 
 
+class NonFiniteLogitsError(ValueError):
+    """The model returned NaN or inf logits for some samples (``rows``: their indices in the batch)."""
+
+    def __init__(self, rows: list[int]) -> None:
+        self.rows = rows
+        shown = ", ".join(str(r) for r in rows[:10]) + (" …" if len(rows) > 10 else "")
+        super().__init__(f"the model's outputs are not finite for sample(s) {shown}: the input values are out of "
+                         "the range the model can take")
+
+
+def check_logits(z: torch.Tensor) -> None:
+    """Raise ValueError unless z is logits [B, C]; :class:`NonFiniteLogitsError` for NaN/inf rows."""
+    if z.dim() != 2:
+        raise ValueError(f"the model must return logits [B, C], got shape {tuple(z.shape)}")
+    finite = torch.isfinite(z).all(dim=1)
+    if not bool(finite.all()):
+        raise NonFiniteLogitsError(torch.nonzero(~finite)[:, 0].tolist())
+
+
 @dataclass(frozen=True)
 class CSMResult:
     """``csm`` [B, N, N]; ``classes`` [B, N] (top-N by logit, predicted first); ``logits`` [B, C]."""
@@ -155,8 +174,7 @@ def cosine_similarity_maps(
             return _replicate(model, x, top_n, channel_reduce, rescale_logits, clock)
         z = model(x)
         clock.lap("forward")
-        if z.dim() != 2:
-            raise ValueError(f"the model must return logits [B, C], got shape {tuple(z.shape)}")
+        check_logits(z)
         n = _check_top_n(top_n, z.shape[1])
         logits = z.detach()
         classes = torch.topk(logits, n, dim=1).indices
@@ -214,6 +232,7 @@ def _replicate(model, x, top_n, channel_reduce, rescale_logits, clock) -> CSMRes
     xr = x.detach().repeat(n, *([1] * (x.dim() - 1))).requires_grad_(True)
     z = model(xr)
     clock.lap("forward")
+    check_logits(z[:b])
     logits = z[:b].detach()
     classes = torch.topk(logits, n, dim=1).indices
     if rescale_logits:

@@ -131,6 +131,7 @@ class GGADetector:
         self.calibration_scores: torch.Tensor | None = None
         self.fit_stats: FitStats | None = None
         self.model_fingerprint: str | None = None
+        self.preset: str | None = None  # set by detectors.presets.build_detector
 
     @property
     def fitted(self) -> bool:
@@ -312,6 +313,7 @@ class GGADetector:
         self._check_fitted()
         return {
             "kind": KIND,
+            "preset": self.preset,
             "format_version": FORMAT_VERSION,
             "config": asdict(self.config),
             "loda": self.loda.config(),
@@ -343,4 +345,5 @@ class GGADetector:
         det.load_state_dict(load_file(str(directory / TENSORS_FILE)))
         det.model_fingerprint = meta["model_fingerprint"]
         det.fit_stats = FitStats(**meta["fit"])
+        det.preset = meta.get("preset")
         return det

@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from detectors.fingerprint import model_fingerprint
-from detectors.gga import GGADetector
+from detectors.persist import load_detector
 from service.artifacts import BUNDLED_VERSION, ArtifactStore
 from service.batcher import DynamicBatcher
 from service.errors import install_error_handlers, internal_error
@@ -39,14 +39,14 @@ def resolve_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
-def _initial_detector(model: torch.nn.Module, store: ArtifactStore) -> tuple[GGADetector | None, str | None]:
+def _initial_detector(model: torch.nn.Module, store: ArtifactStore):
     found = store.load_newest(model)
     if found is not None:
         return found
     bundled = DEFAULT_MODEL_DIR / "detector"
     if bundled.exists():
         try:
-            return GGADetector.load(bundled, model), BUNDLED_VERSION
+            return load_detector(bundled, model), BUNDLED_VERSION
         except ValueError as exc:  # fitted for another model: serve without a detector until /fit
             log.info("bundled detector not used: %s", exc)
     return None, None
@@ -126,8 +126,9 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
                 timeout_s=max(settings.request_timeout_s, settings.max_delay_ms / 1000.0 + 1e-3),
                 on_batch=worker.on_batch,
             )
-            fits = FitJobManager(model, device, store, slot, metrics, top_n=settings.top_n,
-                                 batch_size=settings.fit_batch_size, on_swap=metrics.set_detector_version)
+            fits = FitJobManager(model, device, store, slot, metrics, num_classes=len(card.class_names),
+                                 feature_layers=card.feature_layers, batch_size=settings.fit_batch_size,
+                                 on_swap=metrics.set_detector_version)
             app.state.__dict__.update(
                 settings=settings, registry=registry, metrics=metrics, model=model, card=card, device=device,
                 fingerprint=fingerprint, store=store, slot=slot, worker=worker, batcher=batcher, fits=fits,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from detectors.gga import GGADetector
+from detectors.persist import load_detector
 
 log = logging.getLogger("service.artifacts")
 _VERSION_RE = re.compile(r"^v(\d{4,})$")
@@ -41,16 +41,16 @@ class ArtifactStore:
                 found.append((int(m.group(1)), p))
         return sorted(found)
 
-    def load_newest(self, model: torch.nn.Module) -> tuple[GGADetector, str] | None:
+    def load_newest(self, model: torch.nn.Module):
         """The newest version that loads for ``model`` (skipping broken ones), or None."""
         for number, path in reversed(self.versions()):
             try:
-                return GGADetector.load(path, model), f"v{number}"
+                return load_detector(path, model), f"v{number}"
             except Exception as exc:  # noqa: BLE001 - a broken version must not stop the service
                 log.warning("skipping detector artifact %s: %s", path, exc)
         return None
 
-    def save_new(self, detector: GGADetector) -> tuple[str, Path]:
+    def save_new(self, detector) -> tuple[str, Path]:
         """Persist ``detector`` as the next version; returns (version, path)."""
         self.dir.mkdir(parents=True, exist_ok=True)
         existing = self.versions()

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from detectors.gga import GGADetector
+from detectors.presets import PRESETS, build_detector, describe
 from service.artifacts import ArtifactStore
 from service.metrics import ServiceMetrics
 from service.worker import DetectorSlot
@@ -32,6 +32,28 @@ MAX_JOBS_KEPT = 50
 
 class FitBusyError(RuntimeError):
     """A fit job is already running."""
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """What a fit builds: the preset, the CSM's top-N (None: the preset's choice) and alpha.
+
+    The same options for ``POST /fit`` and offline fits; validated here, with messages
+    that say what to send.
+    """
+
+    preset: str = "composite"
+    top_n: int | None = None
+    alpha: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset must be one of {list(PRESETS)}, got {self.preset!r}")
+        if self.top_n is not None and (isinstance(self.top_n, bool) or not isinstance(self.top_n, int)
+                                       or self.top_n < 3):
+            raise ValueError(f"top_n must be an integer >= 3 or null (the preset's choice), got {self.top_n!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float) or not 0 < self.alpha < 1:
+            raise ValueError(f"alpha must be a number in (0, 1), e.g. 0.05; got {self.alpha!r}")
 
 
 @dataclass
@@ -58,10 +80,11 @@ class FitJob:
 
 class FitJobManager:
     def __init__(self, model: torch.nn.Module, device: torch.device, store: ArtifactStore, slot: DetectorSlot,
-                 metrics: ServiceMetrics, *, top_n: int | None, batch_size: int,
-                 on_swap=None) -> None:
+                 metrics: ServiceMetrics, *, num_classes: int, feature_layers: tuple[str, ...] | None,
+                 batch_size: int, on_swap=None) -> None:
         self.model, self.device, self.store, self.slot, self.metrics = model, device, store, slot, metrics
-        self.top_n, self.batch_size, self.on_swap = top_n, batch_size, on_swap
+        self.num_classes, self.feature_layers = num_classes, feature_layers
+        self.batch_size, self.on_swap = batch_size, on_swap
         self.jobs: dict[str, FitJob] = {}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -72,8 +95,16 @@ class FitJobManager:
         with self._lock:
             return next((j for j in self.jobs.values() if j.state in ("queued", "running")), None)
 
-    def submit(self, x: np.ndarray, y: np.ndarray,
-               calibration: tuple[np.ndarray, np.ndarray] | None = None) -> FitJob:
+    def build(self, options: FitOptions):
+        """The unfitted detector that ``options`` ask for (ValueError when the model cannot take them)."""
+        return build_detector(options.preset, self.model, num_classes=self.num_classes, top_n=options.top_n,
+                              alpha=options.alpha, layers=self.feature_layers)
+
+    def submit(self, x: np.ndarray, y: np.ndarray, calibration: tuple[np.ndarray, np.ndarray] | None = None,
+               options: FitOptions | None = None) -> FitJob:
+        """Start a job; raises FitBusyError (one at a time) or ValueError (options the model cannot take)."""
+        options = options or FitOptions()
+        self.build(options)  # refuse bad options now (HTTP 422), not in the job
         with self._lock:
             if self._closing:
                 raise FitBusyError("the service is shutting down")
@@ -84,19 +115,12 @@ class FitJobManager:
             self.jobs[job.id] = job
             while len(self.jobs) > MAX_JOBS_KEPT:
                 self.jobs.pop(next(iter(self.jobs)))
-            self._thread = threading.Thread(target=self._run, args=(job, x, y, calibration), name=f"gga-fit-{job.id}",
-                                            daemon=True)
+            self._thread = threading.Thread(target=self._run, args=(job, x, y, calibration, options),
+                                            name=f"gga-fit-{job.id}", daemon=True)
             self._thread.start()
         return job
 
-    def _config(self) -> dict[str, Any]:
-        current, _ = self.slot.get()
-        cfg = dict(vars(current.config)) if current is not None else {}
-        if self.top_n is not None:
-            cfg["top_n"] = self.top_n
-        return cfg
-
-    def _run(self, job: FitJob, x: np.ndarray, y: np.ndarray, calibration) -> None:
+    def _run(self, job: FitJob, x: np.ndarray, y: np.ndarray, calibration, options: FitOptions) -> None:
         job.state, job.phase, job.started_at = "running", "features", time.time()
 
         def progress(done: int, total: int) -> None:
@@ -105,7 +129,7 @@ class FitJobManager:
                 job.phase = "fitting"
 
         try:
-            det = GGADetector(self.model, **self._config())
+            det = self.build(options)
             cal = None if calibration is None else tuple(torch.from_numpy(a) for a in calibration)
             det.fit(torch.from_numpy(x), torch.from_numpy(y), batch_size=self.batch_size, progress=progress,
                     calibration=cal)
@@ -121,7 +145,7 @@ class FitJobManager:
                 "version": version, "path": str(path), "n_samples": st.n_samples, "n_correct": st.n_correct,
                 "n_fit": st.n_fit, "n_calibration": st.n_calibration, "model_accuracy": st.model_accuracy,
                 "threshold": st.threshold if np.isfinite(st.threshold) else None, "seconds": st.seconds,
-                "config": dict(vars(det.config)),
+                **describe(det), "config": det.metadata()["config"],
             }
             job.phase, job.state = "done", "succeeded"
             self.metrics.fit_jobs.labels(state="succeeded").inc()

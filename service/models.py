@@ -26,16 +26,20 @@ from safetensors.torch import load_file
 from detectors.zoo import ARCHITECTURES
 from service.settings import DEFAULT_MODEL_DIR, Settings
 
+# the stem and the three stages (chosen on CIFAR-10 validation data, benchmarks/results/REPORT.md)
+CIFAR_RESNET_LAYERS = ["relu", "layer1", "layer2", "layer3"]
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 BUILTIN_CARDS = {
     "cifar_resnet20": {
         "name": "cifar_resnet20", "input_shape": [3, 32, 32], "class_names": CIFAR10_CLASSES,
         "preprocessing": "RGB pixels in [0, 1], NCHW; ImageNet mean/std normalisation happens inside the model",
+        "feature_layers": CIFAR_RESNET_LAYERS,
     },
     "cifar_resnet56": {
         "name": "cifar_resnet56", "input_shape": [3, 32, 32], "class_names": CIFAR10_CLASSES,
         "preprocessing": "RGB pixels in [0, 1], NCHW; ImageNet mean/std normalisation happens inside the model",
+        "feature_layers": CIFAR_RESNET_LAYERS,
     },
 }
 
@@ -50,6 +54,7 @@ class ModelCard:
     input_shape: tuple[int, ...]
     class_names: list[str]
     extra: dict = field(default_factory=dict)
+    feature_layers: tuple[str, ...] | None = None  # submodules the composite detector reads; None: found by probe
 
     @classmethod
     def from_dict(cls, d: dict, source: str) -> ModelCard:
@@ -63,8 +68,14 @@ class ModelCard:
             raise ModelLoadError(f"model card {source}: input_shape must be positive ints, got {shape}")
         if len(names) < 3:
             raise ModelLoadError(f"model card {source}: GGA needs at least 3 classes, got {len(names)}")
+        layers = d.get("feature_layers")
+        if layers is not None and (not isinstance(layers, list) or not layers
+                                   or not all(isinstance(n, str) and n for n in layers)):
+            raise ModelLoadError(f"model card {source}: feature_layers must be a non-empty list of module names "
+                                 f"(from model.named_modules()), got {layers!r}")
         extra = {k: v for k, v in d.items() if k not in ("input_shape", "class_names", "name")}
-        return cls(name=str(d.get("name", source)), input_shape=shape, class_names=names, extra=extra)
+        return cls(name=str(d.get("name", source)), input_shape=shape, class_names=names, extra=extra,
+                   feature_layers=tuple(layers) if layers else None)
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:

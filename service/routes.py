@@ -11,12 +11,14 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
+from detectors.csm import NonFiniteLogitsError
+from detectors.presets import describe
 from service.batcher import BatcherClosedError, QueueFullError, QueueTimeoutError, RequestTooLargeError
 from service.decode import NPY_TYPES, body_stream, decode_json_inputs, decode_npy, media_type, parse_json_body
 from service.errors import ApiError
 from service.fitdata import load_npz as _load_npz
 from service.fitdata import read_form
-from service.fitjobs import FitBusyError
+from service.fitjobs import FitBusyError, FitOptions
 from service.schemas import (
     ErrorResponse,
     FitAccepted,
@@ -49,7 +51,13 @@ _FIT_BODY = {
             "multipart/form-data": {"schema": {"type": "object", "properties": {
                 "file": {"type": "string", "format": "binary", "description": ".npz with x (n, *input_shape) "
                          "float and y (n,) integer labels; optionally x_cal, y_cal: held-out data for the "
-                         "calibration (else a seeded split of x)"}}, "required": ["file"]}},
+                         "calibration (else a seeded split of x)"},
+                "preset": {"type": "string", "enum": ["composite", "gga", "paper"],
+                           "description": "detector preset (default: GGA_DETECTOR)"},
+                "top_n": {"type": "string", "description": "classes in the CSM: an integer >= 3 or 'all' "
+                          "(default: GGA_TOP_N, else the preset's choice)"},
+                "alpha": {"type": "number", "description": "flag when trust < alpha (default 0.05)"}},
+                "required": ["file"]}},
             "application/json": {"schema": FitPathRequest.model_json_schema()},
         },
     }
@@ -110,6 +118,8 @@ async def predict(request: Request, return_csm: bool = False) -> Response:
         raise ApiError(503, "unavailable", "the service is shutting down") from exc
     except NoDetectorError as exc:
         raise ApiError(503, "no_detector", str(exc)) from exc
+    except NonFiniteLogitsError as exc:
+        raise ApiError(422, "non_finite_output", str(exc)) from exc
     alpha = st.settings.alpha if st.settings.alpha is not None else detector.alpha
     return JSONResponse({"model": st.card.name, "alpha": alpha, "predictions": rows})
 
@@ -143,9 +153,11 @@ async def fit(request: Request) -> Response:
     if ctype == "multipart/form-data":
         form = await read_form(request, limit)
         upload = form.get("file")
-        if upload is None or isinstance(upload, str):
-            raise ApiError(422, "invalid_input", "multipart upload needs a file field named 'file' (.npz)")
         try:  # the upload spooled to a temporary file: read the archive from there, not from a copy in memory
+            if upload is None or isinstance(upload, str):
+                raise ApiError(422, "invalid_input", "multipart upload needs a file field named 'file' (.npz)")
+            options = _fit_options(st, {k: form.get(k) for k in FIT_OPTION_FIELDS if form.get(k) is not None},
+                                   from_form=True)
             x, y, cal = await run_in_threadpool(_load_npz, upload.file, shape, n_classes, limit)
         finally:
             await form.close()
@@ -153,18 +165,44 @@ async def fit(request: Request) -> Response:
         doc = parse_json_body(await _read_body(request, 64 * 1024))
         if not isinstance(doc.get("path"), str):
             raise ApiError(422, "invalid_input", 'expected {"path": "<file inside GGA_DATA_DIR>"}')
+        options = _fit_options(st, {k: doc[k] for k in FIT_OPTION_FIELDS if k in doc}, from_form=False)
         path = _data_path(st.settings.data_dir, doc["path"])
         x, y, cal = await run_in_threadpool(_load_npz, path, shape, n_classes, None)  # the operator's file: no limit
     else:
         raise ApiError(415, "unsupported_media_type", "send multipart/form-data with a 'file' field (.npz) or JSON "
                        '{"path": ...}')
     try:
-        job = st.fits.submit(x, y, cal)
+        job = st.fits.submit(x, y, cal, options)
     except FitBusyError as exc:
         raise ApiError(409, "conflict", str(exc)) from exc
+    except ValueError as exc:
+        raise ApiError(422, "invalid_option", str(exc)) from exc
     url = f"/fit/{job.id}"
     return JSONResponse({"id": job.id, "state": job.state, "status_url": url}, status_code=202,
                         headers={"Location": url})
+
+
+FIT_OPTION_FIELDS = ("preset", "top_n", "alpha")
+
+
+def _fit_options(st, given: dict, *, from_form: bool) -> FitOptions:
+    """The fit's options: what the request names, else the service's settings (GGA_DETECTOR, GGA_TOP_N,
+    GGA_ALPHA). Form fields arrive as text: top_n as an integer or "all", alpha as a number."""
+    s = st.settings
+    opts = {"preset": s.detector, "top_n": s.top_n, "alpha": s.alpha if s.alpha is not None else 0.05}
+    for key, value in given.items():
+        if from_form and isinstance(value, str):
+            text = value.strip()
+            try:
+                value = (None if text.lower() in ("all", "null", "") else int(text)) if key == "top_n" else \
+                    float(text) if key == "alpha" else text
+            except ValueError as exc:
+                raise ApiError(422, "invalid_option", f"{key} must be a number, got {value!r}") from exc
+        opts[key] = value
+    try:
+        return FitOptions(**opts)
+    except ValueError as exc:
+        raise ApiError(422, "invalid_option", str(exc)) from exc
 
 
 def _data_path(data_dir: Path | None, rel: str) -> Path:
@@ -224,7 +262,8 @@ def _detector_info(detector) -> dict | None:
     fit = dict(meta["fit"])
     if not np.isfinite(fit["threshold"]):
         fit["threshold"] = None
-    return {"config": meta["config"], "fit": fit, "model_fingerprint": meta["model_fingerprint"]}
+    return {**describe(detector), "config": meta["config"], "fit": fit,
+            "model_fingerprint": meta["model_fingerprint"]}
 
 
 @router.get("/healthz", summary="Liveness")

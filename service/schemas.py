@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -70,6 +70,11 @@ class FitJobView(BaseModel):
 
 class FitPathRequest(BaseModel):
     path: str = Field(..., description="an .npz file (arrays x and y) inside the server's GGA_DATA_DIR")
+    preset: Literal["composite", "gga", "paper"] | None = Field(
+        None, description="detector preset (default: GGA_DETECTOR, composite)")
+    top_n: int | None = Field(None, ge=3, description="classes in the CSM (default: GGA_TOP_N, else the preset's "
+                              "choice: 5 for composite and gga, all for paper)")
+    alpha: float | None = Field(None, gt=0, lt=1, description="flag when trust < alpha (default 0.05)")
 
 
 class Info(BaseModel):

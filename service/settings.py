@@ -37,7 +37,12 @@ class Settings(BaseSettings):
     artifact_dir: Path = Field(Path("artifacts"), description="where fitted detector versions are written")
     data_dir: Path | None = Field(None, description="server-side folder that POST /fit may read .npz files from")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    top_n: int | None = Field(None, ge=3, description="classes analysed by new fits (None: all)")
+    detector: Literal["paper", "gga", "composite"] = Field(
+        "composite", description="preset of new fits (POST /fit may name another): composite (GGA + logit + layer "
+        "signals, the default), gga (GGA with the max softmax), paper (the paper's configuration)"
+    )
+    top_n: int | None = Field(None, ge=3, description="classes analysed by new fits (None: the preset's choice, "
+                              "5 for composite and gga, all for paper)")
     alpha: float | None = Field(
         None, gt=0, lt=1, description="flag when trust < alpha (None: the detector's own alpha, 0.05)"
     )

@@ -37,8 +37,9 @@ def test_components_and_fit_stats(fitted):
     _, det = fitted
     assert det.component_names == ["gga", "margin", "energy", "layer:0", "layer:1"]
     st = det.fit_stats
-    # every label is the model's own prediction: all 1500 correct, 30% of them for reference
-    assert (st.n_samples, st.n_correct, st.n_reference, st.n_fit, st.n_calibration) == (2000, 1500, 450, 1050, 500)
+    # every label is the model's own prediction: all 2000 correct; 30% of the 1500 fit samples for reference
+    assert (st.n_samples, st.n_correct, st.n_reference, st.n_fit, st.n_calibration) == (2000, 2000, 450, 1050, 500)
+    assert st.model_accuracy == 1.0
 
 
 def test_conformal_flag_rate_on_5000_fresh_samples(fitted):

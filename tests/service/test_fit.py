@@ -104,10 +104,12 @@ def test_fit_job_lifecycle(tmp_path, mnist_test):
             assert res["version"] == "v1" and job["progress"] == {"done": 400, "total": 400}
             assert res["n_samples"] == 400
             assert res["n_correct"] == round(res["model_accuracy"] * 400)
-            assert res["n_calibration"] == round(res["n_correct"] * 0.3)
-            assert res["n_fit"] + res["n_calibration"] == res["n_correct"]
+            # the default preset (GGA_DETECTOR) is the composite: 20% of the 400 samples held out to calibrate
+            assert (res["kind"], res["preset"], res["n_calibration"]) == ("composite", "composite", 80)
+            assert res["components"][:3] == ["gga", "margin", "energy"]
             info = (await c.get("/info")).json()
             assert info["detector_version"] == "v1" and info["detector"]["fit"]["n_samples"] == 400
+            assert info["detector"]["preset"] == "composite" and info["detector"]["components"] == res["components"]
             after = (await c.post("/predict", json={"inputs": probe.tolist()})).json()["predictions"]
             assert {p["detector_version"] for p in after} == {"v1"}
             assert [p["label"] for p in after] == [p["label"] for p in before]
@@ -158,14 +160,25 @@ def test_fit_from_data_dir_path(tmp_path):
 
     async def go():
         async with Running(settings) as svc:
-            r = await svc.client.post("/fit", json={"path": "small.npz"}, headers=AUTH)
+            r = await svc.client.post("/fit", json={"path": "small.npz", "preset": "gga"}, headers=AUTH)
             assert r.status_code == 202, r.text
             job = await _wait(svc, r.json()["id"])
             preds = (await svc.client.post("/predict", json={"inputs": x[:2].tolist(), "return_csm": True}))
-            return job, preds.json()
+            bad = [await svc.client.post("/fit", json={"path": "small.npz", **opt}, headers=AUTH)
+                   for opt in ({"preset": "best"}, {"top_n": 2}, {"top_n": 11}, {"alpha": 1.5}, {"alpha": "x"})]
+            r = await svc.client.post("/fit", json={"path": "small.npz", "alpha": 0.1}, headers=AUTH)
+            composite = await _wait(svc, r.json()["id"])
+            return job, preds.json(), bad, composite
 
-    job, preds = run(go())
+    job, preds, bad, composite = run(go())
+    assert [(b.status_code, b.json()["error"]["type"]) for b in bad] == [(422, "invalid_option")] * 5
+    assert "top_n must be between 3 and the model's 10 classes" in bad[2].json()["error"]["message"]
     assert job["state"] == "succeeded" and job["result"]["config"]["top_n"] == 4
+    assert (job["result"]["kind"], job["result"]["preset"]) == ("gga", "gga")
+    # the composite calibrates on every held-out sample (the trust is a p-value for "in-distribution input")
+    assert composite["state"] == "succeeded", composite
+    c = composite["result"]
+    assert (c["preset"], c["n_calibration"], c["config"]["alpha"], c["config"]["top_n"]) == ("composite", 60, 0.1, 4)
     res = job["result"]
     assert res["n_samples"] == 260 and job["progress"] == {"done": 260, "total": 260}
     assert res["n_calibration"] == 55 and res["n_fit"] == res["n_correct"] - 55

@@ -1,0 +1,60 @@
+"""Detector presets: the configurations a deployment chooses from.
+
+- ``paper``: the paper's configuration exactly (Schwinn et al. 2021): the full CSM over
+  all classes, the ten CSM features, LODA with 100 projections × 100 bins. For
+  reproduction.
+- ``gga``: GGA as selected on validation data before the composite existed: the top-5
+  partial CSM, the ten features plus the max softmax, LODA 100 × 100.
+- ``composite`` (the default): GGA CSM features (top-5) + logit signals + per-layer
+  Mahalanobis distances, combined by Fisher's method over reference p-values and
+  calibrated conformally (:mod:`detectors.composite`). Chosen on validation data, see
+  ``benchmarks/results/REPORT.md``.
+
+``top_n`` None means the preset's own choice (all classes for ``paper``, 5 otherwise,
+never more than the model's classes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+from detectors.composite import CompositeDetector
+from detectors.gga import GGADetector
+
+PRESETS = ("paper", "gga", "composite")
+DEFAULT_PRESET = "composite"
+COMPOSITE_COMBINE = "fisher"
+
+
+def build_detector(preset: str, model: nn.Module, *, num_classes: int, top_n: int | None = None,
+                   alpha: float = 0.05, layers: Sequence[str] | None = None, seed: int = 0,
+                   strategy: str = "auto"):
+    """An unfitted detector of ``preset`` for ``model`` (``num_classes`` outputs)."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
+    if num_classes < 3:
+        raise ValueError(f"GGA needs at least 3 classes, the model has {num_classes}")
+    if top_n is not None and not 3 <= top_n <= num_classes:
+        raise ValueError(f"top_n must be between 3 and the model's {num_classes} classes, got {top_n}")
+    partial = top_n if top_n is not None else min(5, num_classes)
+    if preset == "paper":
+        det = GGADetector(model, top_n=top_n, alpha=alpha, n_bins=100, seed=seed, strategy=strategy)
+    elif preset == "gga":
+        det = GGADetector(model, top_n=partial, alpha=alpha, n_bins=100, seed=seed, include_softmax=True,
+                          strategy=strategy)
+    else:
+        det = CompositeDetector(model, top_n=partial, alpha=alpha, combine=COMPOSITE_COMBINE,
+                                layers=list(layers) if layers else None, seed=seed, strategy=strategy)
+    det.preset = preset
+    return det
+
+
+def describe(detector) -> dict:
+    """What /info shows: the detector's kind, preset and the components it combines."""
+    if isinstance(detector, CompositeDetector):
+        return {"kind": "composite", "preset": getattr(detector, "preset", None),
+                "components": detector.component_names}
+    return {"kind": "gga", "preset": getattr(detector, "preset", None),
+            "components": ["gga" + ("+softmax" if detector.config.include_softmax else "")]}
