@@ -65,14 +65,32 @@ def compute(det: CompositeDetector, x: torch.Tensor, batch: int) -> Signals:
     return Signals.cat(parts)
 
 
+def flatten(named: dict[str, Signals]) -> dict[str, torch.Tensor]:
+    """Signals as a flat dict of tensors (saved without pickle)."""
+    out = {}
+    for key, sig in named.items():
+        out.update({f"{key}|logits": sig.logits, f"{key}|classes": sig.classes, f"{key}|csm": sig.csm})
+        out.update({f"{key}|layer|{n}": v for n, v in sig.layers.items()})
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def unflatten(flat: dict[str, torch.Tensor]) -> dict[str, Signals]:
+    keys = {k.split("|")[0] for k in flat}
+    return {key: Signals(flat[f"{key}|logits"], flat[f"{key}|classes"], None,
+                         {k.split("|", 2)[2]: v for k, v in flat.items() if k.startswith(f"{key}|layer|")},
+                         flat[f"{key}|csm"]) for key in keys}
+
+
 def with_top_n(sig: Signals, n: int | None) -> Signals:
     csm = sig.csm if n is None else sig.csm[:, :n, :n]
     return dataclasses.replace(sig, csm_features=csm_features(csm).double(), csm=None)
 
 
-def evaluate(det: CompositeDetector, sets: dict[str, Signals], ood: tuple[str, ...], types: tuple[str, ...],
+def evaluate(det, sets: dict[str, Signals], ood: tuple[str, ...], types: tuple[str, ...],
              clean_all: Signals, clean_y: torch.Tensor) -> dict:
-    scores = {k: det.score_signals(v).score.numpy() for k, v in sets.items()}
+    """``det``: a fitted composite, or a function Signals -> scores [B] (a baseline, no flags)."""
+    score = det if callable(det) else (lambda sig: det.score_signals(sig).score)
+    scores = {k: score(v).numpy() for k, v in sets.items()}
     s_in = scores["clean"]
     out = {}
     for t in types:
@@ -80,16 +98,19 @@ def evaluate(det: CompositeDetector, sets: dict[str, Signals], ood: tuple[str, .
         if s_out is None or len(s_out) == 0:
             continue
         out[t] = {"auroc": 100 * auroc(s_in, s_out), "tnr": 100 * tnr_at_tpr(s_in, s_out), "n": int(len(s_out))}
-    res = det.score_signals(clean_all)
-    wrong = (res.label != clean_y).numpy()
-    mis = 100 * auroc(res.score.numpy()[~wrong], res.score.numpy()[wrong]) if wrong.any() else None
+    s_all = score(clean_all).numpy()
+    wrong = (clean_all.classes[:, 0] != clean_y).numpy()
+    mis = 100 * auroc(s_all[~wrong], s_all[wrong]) if wrong.any() else None
+    flag = None if callable(det) else float(det.score_signals(clean_all).flagged.float().mean())
     valid = [v for v in out.values()]
     return {
         "types": out,
+        "mean_auroc_with_misclassification": float(np.mean([v["auroc"] for v in valid] + [mis]))
+        if mis is not None else None,
         "mean_auroc": float(np.mean([v["auroc"] for v in valid])),
         "mean_tnr": float(np.mean([v["tnr"] for v in valid])),
         "min_tnr": float(np.min([v["tnr"] for v in valid])),
-        "clean_flag_rate": float(res.flagged.float().mean()),
+        "clean_flag_rate": flag,
         "misclassification_auroc": mis,
         "n_wrong": int(wrong.sum()),
     }
@@ -111,7 +132,28 @@ def configurations(dataset: str) -> list[dict]:
             {"combine": comb, "layers": None, "top_n": 5, "use_layers": False},
         ]
     cfgs.append({"combine": "fisher", "layers": None, "top_n": 5, "use_layers": False, "use_logits": False})
+    cfgs.append({"combine": "sum", "layers": first, "top_n": 5, "use_gga": False, "use_logits": False})
+    for ls in layer_sets[:2]:
+        cfgs += [
+            {"combine": "fisher", "layers": ls, "top_n": 5, "two_sided": ["energy"]},
+            {"combine": "fisher", "layers": ls, "top_n": 5, "layer_weight": "shared"},
+            {"combine": "fisher", "layers": ls, "top_n": 5, "layer_weight": "shared", "two_sided": ["energy"]},
+            {"combine": "fisher", "layers": ls, "top_n": 5, "layer_weight": "shared", "two_sided": []},
+            {"combine": "sum", "layers": ls, "top_n": 5, "layer_weight": "shared"},
+        ]
+        for w in (2.0, 3.0, 5.0):
+            cfgs.append({"combine": "fisher", "layers": ls, "top_n": 5, "two_sided": ["energy"], "margin_weight": w})
+        cfgs.append({"combine": "fisher", "layers": ls, "top_n": 5, "two_sided": ["energy"], "use_gga": False,
+                     "margin_weight": 3.0})
     return cfgs
+
+
+def baselines() -> dict:
+    from detectors.energy import energy_score
+    from detectors.signals import logit_margin
+
+    # max softmax ranks exactly as the logit margin (a monotone map of it)
+    return {"msp": lambda s: -logit_margin(s.logits), "energy": lambda s: energy_score(s.logits)}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -133,17 +175,26 @@ def main(argv: list[str] | None = None) -> dict:
     batch = 250 if args.dataset == "mnist" else 50
     probe = CompositeDetector(model, top_n=None, layers=all_layers(model, args.dataset, setup.fit_x[:2]))
     log.stage("signals (full CSM, every candidate layer)")
-    fit_sig = compute(probe, setup.fit_x, batch)
-    cal_sig = compute(probe, setup.heldout_x, batch) if setup.heldout_x is not None else None
-    sets = {k: compute(probe, v, batch) for k, v in val.sets.items() if len(v)}
     clean_x, clean_y = setup.val_src
-    clean_all = compute(probe, clean_x, batch)
+    cache = own.cache_dir / f"{args.dataset}_val_signals.pt"
+    if cache.exists():
+        stored = unflatten(torch.load(cache, weights_only=True))
+    else:
+        stored = {"fit": compute(probe, setup.fit_x, batch), "clean_all": compute(probe, clean_x, batch)}
+        if setup.heldout_x is not None:
+            stored["cal"] = compute(probe, setup.heldout_x, batch)
+        stored.update({f"set:{k}": compute(probe, v, batch) for k, v in val.sets.items() if len(v)})
+        torch.save(flatten(stored), cache)
+    fit_sig, cal_sig, clean_all = stored["fit"], stored.get("cal"), stored["clean_all"]
+    sets = {k[4:]: v for k, v in stored.items() if k.startswith("set:")}
     types = R.VAL_TYPES
     results = []
     log.stage("configurations")
     for cfg in configurations(args.dataset):
         layers = CANDIDATE_LAYERS[args.dataset].get(cfg.get("layers")) if cfg.get("layers") else None
         kw = {k: v for k, v in cfg.items() if k not in ("layers", "top_n")}
+        if "two_sided" in kw:
+            kw["two_sided"] = tuple(kw["two_sided"])
         use_layers = cfg.get("use_layers", True)
         det = CompositeDetector(model, top_n=cfg["top_n"], layers=layers if use_layers else None, **kw)
         n = det.config.top_n
@@ -156,8 +207,16 @@ def main(argv: list[str] | None = None) -> dict:
         t = row["types"]
         log.info(f"{json.dumps(cfg):<95} meanAUROC {row['mean_auroc']:6.2f} meanTNR {row['mean_tnr']:6.2f} "
                  f"minTNR {row['min_tnr']:6.2f} flag {100 * row['clean_flag_rate']:5.2f}% "
-                 f"mis {row['misclassification_auroc'] or float('nan'):6.2f} | "
+                 f"mis {row['misclassification_auroc'] or float('nan'):6.2f} "
+                 f"with-mis {row['mean_auroc_with_misclassification'] or float('nan'):6.2f} | "
                  + " ".join(f"{k}:{v['auroc']:.1f}/{v['tnr']:.0f}" for k, v in t.items()))
+    for name, fn in baselines().items():
+        row = evaluate(fn, sets, setup.ood_sets, types, clean_all, clean_y)
+        row["config"] = {"baseline": name}
+        results.append(row)
+        log.info(f"{name:<95} meanAUROC {row['mean_auroc']:6.2f} meanTNR {row['mean_tnr']:6.2f} "
+                 f"mis {row['misclassification_auroc'] or float('nan'):6.2f} "
+                 f"with-mis {row['mean_auroc_with_misclassification'] or float('nan'):6.2f}")
     results.sort(key=lambda r: (-r["mean_auroc"], -r["mean_tnr"]))
     out = {"dataset": args.dataset, "command": "python -m benchmarks.select_composite " + " ".join(argv or []),
            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "runtime_s": log.finish(),

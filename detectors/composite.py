@@ -4,8 +4,8 @@ One forward pass (with the N gradient passes of the CSM when GGA is on) gives, p
 
 - ``gga``: LODA over the ten standardised CSM features of the top-N classes
   (Schwinn et al. 2021), higher = more anomalous;
-- ``margin``: the float64 logit margin log(p_max / (1 − p_max)), two-sided;
-- ``energy``: −logsumexp(z) (Liu et al. 2020), two-sided;
+- ``margin``: minus the float64 logit margin log(p_max / (1 − p_max)) (two-sided by default);
+- ``energy``: −logsumexp(z) (Liu et al. 2020) (two-sided by default);
 - ``layer:<name>``: for each feature layer, the squared Mahalanobis distance of the
   layer's channel means to the closest class mean under a tied covariance (Lee et al.
   2018), fitted on correctly classified training samples; no tuning on anomalies.
@@ -58,7 +58,8 @@ from detectors.signals import LayerTap, default_layers, logit_margin
 KIND = "composite"
 FORMAT_VERSION = 1
 COMBINE = ("fisher", "min", "sum", "loda")
-TWO_SIDED = frozenset({"margin", "energy"})
+LOGIT_COMPONENTS = ("margin", "energy")
+LAYER_WEIGHTS = ("each", "shared")
 
 
 @dataclass(frozen=True)
@@ -75,8 +76,18 @@ class CompositeConfig:
     seed: int = 0
     reference_fraction: float = 0.3
     calibration_fraction: float = 0.2
+    two_sided: tuple[str, ...] = LOGIT_COMPONENTS
+    layer_weight: str = "each"
+    margin_weight: float = 1.0
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "two_sided", tuple(self.two_sided))
+        if not set(self.two_sided) <= set(LOGIT_COMPONENTS):
+            raise ValueError(f"two_sided may name {LOGIT_COMPONENTS}, got {self.two_sided!r}")
+        if not self.margin_weight > 0:
+            raise ValueError(f"margin_weight must be > 0, got {self.margin_weight!r}")
+        if self.layer_weight not in LAYER_WEIGHTS:
+            raise ValueError(f"layer_weight must be one of {LAYER_WEIGHTS}, got {self.layer_weight!r}")
         if self.top_n is not None and (isinstance(self.top_n, bool) or not isinstance(self.top_n, int)
                                        or self.top_n < 3):
             raise ValueError(f"top_n must be None (all classes) or an integer >= 3, got {self.top_n!r}")
@@ -149,13 +160,15 @@ class CompositeDetector:
                  combine: str = "fisher", use_gga: bool = True, use_logits: bool = True,
                  use_layers: bool = True, layers: list[str] | tuple[str, ...] | None = None, n_bins: int = 100,
                  n_projections: int = 100, seed: int = 0, reference_fraction: float = 0.3,
-                 calibration_fraction: float = 0.2, strategy: str = "auto") -> None:
+                 calibration_fraction: float = 0.2, two_sided: tuple[str, ...] = LOGIT_COMPONENTS,
+                 layer_weight: str = "each", margin_weight: float = 1.0, strategy: str = "auto") -> None:
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         self.model = model
         self.config = CompositeConfig(top_n, alpha, combine, use_gga, use_logits, use_layers,
                                       tuple(layers) if layers is not None and use_layers else None, n_bins,
-                                      n_projections, seed, reference_fraction, calibration_fraction)
+                                      n_projections, seed, reference_fraction, calibration_fraction, two_sided,
+                                      layer_weight, margin_weight)
         self.strategy = strategy
         if self.config.layers:
             LayerTap(model, self.config.layers)  # fails now, not at fit time, for unknown layer names
@@ -237,13 +250,28 @@ class CompositeDetector:
 
     # ------------------------------------------------------------------ components
 
+    @property
+    def weights(self) -> torch.Tensor:
+        """Per-component weights [K] of the fisher and sum combiners: 1 each, ``margin_weight``
+        for the margin, and with ``layer_weight="shared"`` the L layer distances share one weight."""
+        names = self.component_names
+        n_layers = sum(n.startswith("layer:") for n in names)
+        shared = self.config.layer_weight == "shared" and n_layers > 0
+
+        def weight(name: str) -> float:
+            if name == "margin":
+                return self.config.margin_weight
+            return 1.0 / n_layers if shared and name.startswith("layer:") else 1.0
+
+        return torch.tensor([weight(n) for n in names], dtype=torch.float64)
+
     def component_scores(self, s: Signals) -> torch.Tensor:
         """Raw component scores [B, K] (float64) in the order of :attr:`component_names`."""
         c, cols = self.config, []
         if c.use_gga:
             cols.append(self.gga_loda.score((s.csm_features - self.gga_mean) / self.gga_std))
         if c.use_logits:
-            cols += [logit_margin(s.logits), energy_score(s.logits)]
+            cols += [-logit_margin(s.logits), energy_score(s.logits)]
         for name in c.layers or ():
             cols.append(self.gaussians[name].score(s.layers[name]))
         return torch.stack(cols, dim=1)
@@ -267,11 +295,11 @@ class CompositeDetector:
         log_p = self.reference.log_p(comp)
         how = self.config.combine
         if how in ("fisher", "min"):
-            return combine(log_p, how), log_p
+            return combine(log_p, how, self.weights), log_p
         if how == "sum":
             z = (comp - self.center) / self.scale
             z = torch.where(self.reference.two_sided, z.abs(), z)
-            return z.sum(dim=1), log_p
+            return (z * self.weights).sum(dim=1), log_p
         joint = (self._joint(s, comp) - self.joint_mean) / self.joint_std
         return self.joint_loda.score(joint), log_p
 
@@ -324,7 +352,7 @@ class CompositeDetector:
         self.gaussians = {name: TiedGaussian.fit(fit_sig.layers[name], y[fit_idx]) for name in c.layers or ()}
         ref = self.component_scores(ref_sig)
         names = self.component_names
-        self.reference = ReferenceTails(ref, torch.tensor([name in TWO_SIDED for name in names]))
+        self.reference = ReferenceTails(ref, torch.tensor([name in c.two_sided for name in names]))
         q = torch.quantile(ref, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64), dim=0)
         self.center, self.scale = q[1], _nonzero((q[2] - q[0]) / 1.349)
         if c.combine == "loda":

@@ -16,6 +16,16 @@ float64; no sampling, no interpolation:
   exact, tie-safe threshold rule). ``detection_rate_at_tpr`` is the same number, the
   name used for adversarial examples.
 
+Selective prediction (telling wrong predictions from right ones), with ``scores_right``
+and ``scores_wrong`` the scores of correctly and wrongly classified samples:
+
+- ``risk_at_coverage``: accept the fraction ``coverage`` of all samples with the lowest
+  scores (the most trusted); the risk is the error rate among them. Ties at the cut are
+  shared pro rata (the expected risk of a random order within the tie).
+- ``aurc``: the area under the risk–coverage curve, the mean of the risk at coverage
+  k/n for k = 1..n (Geifman et al. 2019), with the same tie rule. Lower is better; a
+  perfect ranking gives Σ_{k>r} (k − r)/k / n with r the number of right samples.
+
 Empty inputs, inputs that are not 1-D and NaN scores raise ValueError; ±inf is a valid,
 orderable score.
 """
@@ -35,6 +45,8 @@ __all__ = [
     "tnr_at_tpr",
     "detection_rate_at_tpr",
     "summarize",
+    "aurc",
+    "risk_at_coverage",
 ]
 
 
@@ -159,3 +171,37 @@ def summarize(scores_in, scores_out) -> dict[str, float]:
         "aupr_out": aupr_out(s_in, s_out),
         "tnr_at_95_tpr": tnr_at_tpr(s_in, s_out, 0.95),
     }
+
+
+def _errors_by_coverage(scores_right, scores_wrong) -> np.ndarray:
+    """Expected number of errors among the k most trusted samples, k = 0..n (ties shared pro rata)."""
+    right = _as_scores(scores_right, "scores_right")
+    wrong = _as_scores(scores_wrong, "scores_wrong") if len(np.atleast_1d(scores_wrong)) else np.empty(0)
+    s = np.concatenate([right, wrong])
+    err = np.concatenate([np.zeros(len(right)), np.ones(len(wrong))])
+    order = np.argsort(s, kind="stable")
+    s, err = s[order], err[order]
+    # within a run of equal scores, every sample carries the run's mean error
+    _, start, counts = np.unique(s, return_index=True, return_counts=True)
+    run_err = np.add.reduceat(err, start) / counts
+    err = np.repeat(run_err, counts)
+    return np.concatenate([[0.0], np.cumsum(err)])
+
+
+def risk_at_coverage(scores_right, scores_wrong, coverage: float = 0.95) -> float:
+    """Error rate among the ``coverage`` fraction of samples with the lowest scores."""
+    if not 0 < coverage <= 1:
+        raise ValueError(f"coverage must be in (0, 1], got {coverage!r}")
+    cum = _errors_by_coverage(scores_right, scores_wrong)
+    n = len(cum) - 1
+    k = coverage * n
+    lo = math.floor(k)
+    errors = cum[lo] + (k - lo) * (cum[min(lo + 1, n)] - cum[lo])
+    return float(errors / k)
+
+
+def aurc(scores_right, scores_wrong) -> float:
+    """Area under the risk–coverage curve: mean over k = 1..n of the risk among the k most trusted."""
+    cum = _errors_by_coverage(scores_right, scores_wrong)
+    k = np.arange(1, len(cum))
+    return float(np.mean(cum[1:] / k))

@@ -18,7 +18,7 @@ Everything is kept in log space (float64), so no p-value underflows to 0.
 
 Combiners of K log p-values into one statistic (higher = more anomalous):
 
-- ``fisher``: −2 Σ_j log p_j (Fisher 1925)
+- ``fisher``: −2 Σ_j w_j log p_j (Fisher 1925; weights 1 unless given)
 - ``min``: −log min_j p_j (the minimum; a Bonferroni factor K would not change the ranking)
 
 The statistic is not a p-value itself (the components are dependent): the composite
@@ -88,10 +88,13 @@ class ReferenceTails:
             raise ValueError(f"reference state is missing {exc}") from exc
 
 
-def combine(log_p: torch.Tensor, how: str) -> torch.Tensor:
-    """One statistic per sample from log p-values [B, K]; higher = more anomalous."""
+def combine(log_p: torch.Tensor, how: str, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """One statistic per sample from log p-values [B, K]; higher = more anomalous.
+
+    ``weights`` [K] (Fisher only): −2 Σ_j w_j log p_j, the weighted product of Good (1955).
+    """
     if how == "fisher":
-        return -2.0 * log_p.sum(dim=1)
+        return -2.0 * (log_p if weights is None else log_p * weights).sum(dim=1)
     if how == "min":
         return -log_p.amin(dim=1)
     raise ValueError(f"combine must be one of {COMBINERS}, got {how!r}")

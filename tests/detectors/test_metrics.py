@@ -174,3 +174,22 @@ def test_empty_nan_and_shape_are_rejected(fn):
 def test_tnr_rejects_bad_tpr(tpr):
     with pytest.raises(ValueError, match=r"tpr must be a number in \(0, 1\]"):
         tnr_at_tpr([0.0, 1.0], [2.0], tpr)
+
+
+def test_risk_coverage_metrics_exact():
+    import pytest
+
+    from detectors.metrics import aurc, risk_at_coverage
+
+    right, wrong = [0.1, 0.2, 0.3], [0.4]
+    # perfect ranking: the first 3 accepted are right
+    assert risk_at_coverage(right, wrong, 0.75) == 0.0
+    assert risk_at_coverage(right, wrong, 1.0) == 0.25
+    assert aurc(right, wrong) == pytest.approx((0 + 0 + 0 + 1 / 4) / 4)
+    # worst ranking: the wrong one is trusted most
+    assert aurc([0.5, 0.6, 0.7], [0.0]) == pytest.approx((1 + 1 / 2 + 1 / 3 + 1 / 4) / 4)
+    # a tie between one right and one wrong sample shares the error: risk at k=1 is 0.5
+    assert aurc([1.0], [1.0]) == pytest.approx((0.5 + 0.5) / 2)
+    # coverage 0.5 of 4 samples = 2 accepted; 0.6 interpolates between k = 2 and k = 3
+    assert risk_at_coverage([0.0, 1.0], [0.5, 2.0], 0.5) == 0.5
+    assert risk_at_coverage([0.0, 1.0], [0.5, 2.0], 0.6) == pytest.approx(1.0 / 2.4)
