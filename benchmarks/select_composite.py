@@ -143,8 +143,12 @@ def configurations(dataset: str) -> list[dict]:
         ]
         for w in (2.0, 3.0, 5.0):
             cfgs.append({"combine": "fisher", "layers": ls, "top_n": 5, "two_sided": ["energy"], "margin_weight": w})
-        cfgs.append({"combine": "fisher", "layers": ls, "top_n": 5, "two_sided": ["energy"], "use_gga": False,
-                     "margin_weight": 3.0})
+        for tau in (0.1, 0.01):
+            cfgs.append({"combine": "fisher", "layers": ls, "top_n": 5, "two_sided": ["energy"], "truncation": tau})
+            cfgs.append({"combine": "fisher", "layers": ls, "top_n": 5, "two_sided": ["energy"], "truncation": tau,
+                         "use_gga": False})
+            cfgs.append({"combine": "fisher", "layers": ls, "top_n": 5, "two_sided": ["energy"], "truncation": tau,
+                         "margin_weight": 2.0})
     return cfgs
 
 
@@ -159,6 +163,7 @@ def baselines() -> dict:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
+    p.add_argument("--match", default="", help="only the configurations whose JSON contains this text")
     own, rest = p.parse_known_args(argv)
     args = R.parse_args(rest)
     if args.threads:
@@ -190,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
     types = R.VAL_TYPES
     results = []
     log.stage("configurations")
-    for cfg in configurations(args.dataset):
+    for cfg in [c for c in configurations(args.dataset) if own.match in json.dumps(c)]:
         layers = CANDIDATE_LAYERS[args.dataset].get(cfg.get("layers")) if cfg.get("layers") else None
         kw = {k: v for k, v in cfg.items() if k not in ("layers", "top_n")}
         if "two_sided" in kw:
@@ -222,7 +227,8 @@ def main(argv: list[str] | None = None) -> dict:
            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "runtime_s": log.finish(),
            "validation_counts": {k: len(v) for k, v in val.sets.items()}, "results": results}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"select_{args.dataset}.json").write_text(json.dumps(R._clean_json(out), indent=1) + "\n")
+    name = f"select_{args.dataset}{'_' + own.match if own.match else ''}.json"
+    (args.out / name).write_text(json.dumps(R._clean_json(out), indent=1) + "\n")
     return out
 
 

@@ -1,27 +1,40 @@
 """The composite detector: GGA at its core, plus the logit and layer signals of the same pass.
 
-One forward pass (with the N gradient passes of the CSM when GGA is on) gives, per sample:
+One forward pass (with the N gradient passes of the CSM when GGA is on) gives, per sample,
+these components (each a score, higher = more anomalous):
 
 - ``gga``: LODA over the ten standardised CSM features of the top-N classes
-  (Schwinn et al. 2021), higher = more anomalous;
-- ``margin``: minus the float64 logit margin log(p_max / (1 − p_max)) (two-sided by default);
-- ``energy``: −logsumexp(z) (Liu et al. 2020) (two-sided by default);
+  (Schwinn et al. 2021);
+- ``margin``: minus the float64 logit margin log(p_max / (1 − p_max)): low confidence
+  (one-sided by default, the max-softmax baseline's signal, which also ranks
+  misclassifications);
+- ``energy``: −logsumexp(z) (Liu et al. 2020), two-sided by default: too high is as
+  suspicious as too low (adversarial examples pushed deep into a class have very low
+  energy);
 - ``layer:<name>``: for each feature layer, the squared Mahalanobis distance of the
   layer's channel means to the closest class mean under a tied covariance (Lee et al.
   2018), fitted on correctly classified training samples; no tuning on anomalies.
 
 fit(x, y, calibration=(x_cal, y_cal)): the correctly classified samples of x are split
-(seeded) into a *fit* part (LODA, the class Gaussians) and a *reference* part, whose
-component scores set each component's scale. The components are then combined into one
+(seeded) into a *fit* part (LODA, the class Gaussians) and a *reference* part; each
+component's reference scores turn it into a p-value (:mod:`detectors.pvalues`, with an
+exponential tail beyond the reference range). The components are combined into one
 statistic (higher = more anomalous):
 
-- ``fisher``: Fisher's −2 Σ log p_j over the components' reference p-values
-  (:mod:`detectors.pvalues`; two-sided components use both tails);
+- ``fisher`` (default): −2 Σ_j w_j log p_j (Fisher's method; weights 1, ``margin_weight``
+  for the margin). With ``truncation`` τ < 1 (default 0.1) every component other than
+  the margin counts only by how far its p-value falls below τ, max(0, log(τ / p_j)), a
+  soft truncated product (after Zaykin et al. 2002): on in-distribution inputs the
+  distances and GGA then add little noise to the confidence ranking, and on anomalies
+  their tiny p-values count in full;
 - ``min``: −log of the smallest component p-value;
-- ``sum``: Σ_j z_j with z_j the component's score standardised by the reference median
-  and IQR / 1.349 (|z_j| for two-sided components);
+- ``sum``: Σ_j w_j z_j with z_j the component's score standardised by the reference
+  median and IQR / 1.349 (|z_j| for two-sided components);
 - ``loda``: LODA over the joint standardised vector (CSM features, margin, energy,
   log layer distances), fitted on the reference part (a density: both tails by design).
+
+The defaults are the configuration chosen on validation data
+(``benchmarks/select_composite.py``, ``benchmarks/results/REPORT.md``).
 
 The statistic is calibrated conformally on ``x_cal`` (every sample, misclassified ones
 included: the trust is a p-value for "an in-distribution input", so the flag rate on
@@ -76,14 +89,17 @@ class CompositeConfig:
     seed: int = 0
     reference_fraction: float = 0.3
     calibration_fraction: float = 0.2
-    two_sided: tuple[str, ...] = LOGIT_COMPONENTS
+    two_sided: tuple[str, ...] = ("energy",)
     layer_weight: str = "each"
     margin_weight: float = 1.0
+    truncation: float = 0.1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "two_sided", tuple(self.two_sided))
         if not set(self.two_sided) <= set(LOGIT_COMPONENTS):
             raise ValueError(f"two_sided may name {LOGIT_COMPONENTS}, got {self.two_sided!r}")
+        if not 0 < self.truncation <= 1:
+            raise ValueError(f"truncation must be in (0, 1] (1: plain Fisher), got {self.truncation!r}")
         if not self.margin_weight > 0:
             raise ValueError(f"margin_weight must be > 0, got {self.margin_weight!r}")
         if self.layer_weight not in LAYER_WEIGHTS:
@@ -160,15 +176,16 @@ class CompositeDetector:
                  combine: str = "fisher", use_gga: bool = True, use_logits: bool = True,
                  use_layers: bool = True, layers: list[str] | tuple[str, ...] | None = None, n_bins: int = 100,
                  n_projections: int = 100, seed: int = 0, reference_fraction: float = 0.3,
-                 calibration_fraction: float = 0.2, two_sided: tuple[str, ...] = LOGIT_COMPONENTS,
-                 layer_weight: str = "each", margin_weight: float = 1.0, strategy: str = "auto") -> None:
+                 calibration_fraction: float = 0.2, two_sided: tuple[str, ...] = ("energy",),
+                 layer_weight: str = "each", margin_weight: float = 1.0, truncation: float = 0.1,
+                 strategy: str = "auto") -> None:
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         self.model = model
         self.config = CompositeConfig(top_n, alpha, combine, use_gga, use_logits, use_layers,
                                       tuple(layers) if layers is not None and use_layers else None, n_bins,
                                       n_projections, seed, reference_fraction, calibration_fraction, two_sided,
-                                      layer_weight, margin_weight)
+                                      layer_weight, margin_weight, truncation)
         self.strategy = strategy
         if self.config.layers:
             LayerTap(model, self.config.layers)  # fails now, not at fit time, for unknown layer names
@@ -294,6 +311,12 @@ class CompositeDetector:
         comp = self.component_scores(s)
         log_p = self.reference.log_p(comp)
         how = self.config.combine
+        if how == "fisher" and self.config.truncation < 1:
+            # soft truncated product (after Zaykin et al. 2002): a component other than the margin counts
+            # only by how far its p-value falls below the truncation point tau: max(0, log(tau / p))
+            keep = torch.tensor([n == "margin" for n in self.component_names])
+            excess = torch.clamp(log_p - math.log(self.config.truncation), max=0.0)
+            return combine(torch.where(keep, log_p, excess), how, self.weights), log_p
         if how in ("fisher", "min"):
             return combine(log_p, how, self.weights), log_p
         if how == "sum":

@@ -6,9 +6,9 @@
 - ``gga``: GGA as selected on validation data before the composite existed: the top-5
   partial CSM, the ten features plus the max softmax, LODA 100 × 100.
 - ``composite`` (the default): GGA CSM features (top-5) + logit signals + per-layer
-  Mahalanobis distances, combined by Fisher's method over reference p-values and
-  calibrated conformally (:mod:`detectors.composite`). Chosen on validation data, see
-  ``benchmarks/results/REPORT.md``.
+  Mahalanobis distances, combined by a truncated Fisher product over reference
+  p-values and calibrated conformally (:mod:`detectors.composite`, whose defaults are
+  the configuration chosen on validation data, ``benchmarks/select_composite.py``).
 
 ``top_n`` None means the preset's own choice (all classes for ``paper``, 5 otherwise,
 never more than the model's classes).
@@ -25,7 +25,6 @@ from detectors.gga import GGADetector
 
 PRESETS = ("paper", "gga", "composite")
 DEFAULT_PRESET = "composite"
-COMPOSITE_COMBINE = "fisher"
 
 
 def build_detector(preset: str, model: nn.Module, *, num_classes: int, top_n: int | None = None,
@@ -45,8 +44,8 @@ def build_detector(preset: str, model: nn.Module, *, num_classes: int, top_n: in
         det = GGADetector(model, top_n=partial, alpha=alpha, n_bins=100, seed=seed, include_softmax=True,
                           strategy=strategy)
     else:
-        det = CompositeDetector(model, top_n=partial, alpha=alpha, combine=COMPOSITE_COMBINE,
-                                layers=list(layers) if layers else None, seed=seed, strategy=strategy)
+        det = CompositeDetector(model, top_n=partial, alpha=alpha, layers=list(layers) if layers else None,
+                                seed=seed, strategy=strategy)
     det.preset = preset
     return det
 

@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -71,16 +72,37 @@ def test_layer_distance_component_is_the_tied_gaussian_distance(fitted):
 
 
 def test_too_confident_is_suspicious_too():
-    """A two-sided margin: a sample far more confident than every reference sample gets a small p-value."""
+    """Two-sided signals: far more confident than every reference sample gets a small p-value too."""
     model = _model()
     x, y = _data(model, 1500, 1)
-    det = CompositeDetector(model, top_n=4, use_gga=False, use_layers=False).fit(x, y)
+    det = CompositeDetector(model, top_n=4, use_gga=False, use_layers=False,
+                            two_sided=("margin", "energy")).fit(x, y)
     s = det.signals(x[:1])
     s.logits = torch.tensor([[60.0, 0.0, 0.0, 0.0, 0.0]])
     log_p = det.statistic(s)[1]
-    assert log_p[0, 0].item() < -5  # margin
+    assert log_p[0, 0].item() < -5 and log_p[0, 1].item() < -5  # margin, energy
     s.logits = torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0]])  # too unsure
     assert det.statistic(s)[1][0, 0].item() < -5
+    # the default: the margin is one-sided (low confidence only), the energy two-sided
+    det = CompositeDetector(model, top_n=4, use_gga=False, use_layers=False).fit(x, y)
+    s.logits = torch.tensor([[60.0, 0.0, 0.0, 0.0, 0.0]])
+    log_p = det.statistic(s)[1]
+    assert log_p[0, 0].item() == 0.0 and log_p[0, 1].item() < -5
+
+
+def test_truncated_fisher_closed_form():
+    model = _model()
+    x, y = _data(model, 1500, 1)
+    det = CompositeDetector(model, top_n=4, layers=LAYERS).fit(x, y)
+    assert (det.config.combine, det.config.truncation, det.config.two_sided) == ("fisher", 0.1, ("energy",))
+    s = det.signals(_data(model, 50, 9, scale=3.0)[0])
+    stat, log_p = det.statistic(s)
+    # margin (column 1) in full, the others only below tau = 0.1
+    expected = -2 * (log_p[:, 1] + torch.clamp(log_p[:, [0, 2, 3, 4]] - math.log(0.1), max=0).sum(dim=1))
+    torch.testing.assert_close(stat, expected)
+    plain = CompositeDetector(model, top_n=4, layers=LAYERS, truncation=1.0).fit(x, y)
+    stat1, log_p1 = plain.statistic(s)
+    torch.testing.assert_close(stat1, -2 * log_p1.sum(dim=1))
 
 
 def test_save_load_round_trip(fitted, tmp_path):
