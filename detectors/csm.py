@@ -29,6 +29,7 @@ import torch
 
 STRATEGIES = ("auto", "loop", "vmap", "replicate")
 CHANNEL_REDUCTIONS = (None, "max")
+COTANGENTS = ("exact", "naive")
 RESCALE_TARGET = 10.0
 
 
@@ -53,11 +54,14 @@ def check_logits(z: torch.Tensor) -> None:
 
 @dataclass(frozen=True)
 class CSMResult:
-    """``csm`` [B, N, N]; ``classes`` [B, N] (top-N by logit, predicted first); ``logits`` [B, C]."""
+    """``csm`` [B, N, N]; ``classes`` [B, N] (top-N by logit, predicted first); ``logits`` [B, C];
+    ``csm_channel_max`` [B, N, N]: the CSM of the channel-max sign maps from the same
+    gradients (only when asked with ``return_channel_max=True``, else None)."""
 
     csm: torch.Tensor
     classes: torch.Tensor
     logits: torch.Tensor
+    csm_channel_max: torch.Tensor | None = None
 
     @property
     def top_n(self) -> int:
@@ -117,6 +121,24 @@ def _cotangents(z: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     return (cot / torch.where(peak > 0, peak, 1.0)).to(z.dtype)
 
 
+def _naive_cotangents(z: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """(p − e_i) for each analysed class, [N, B, C], computed naively in the model's dtype.
+
+    As the official code (the backward of ``F.cross_entropy``) and this library before its
+    cancellation fix: p_k − 1 rounds to exactly 0 in float32 once the softmax saturates.
+    For reproduction and ablation only.
+    """
+    p = torch.softmax(z.detach(), dim=1).unsqueeze(0)  # [1, B, C]
+    target = torch.nn.functional.one_hot(classes.T, z.shape[1]).to(p.dtype)  # [N, B, C]
+    return p - target
+
+
+def _cotangent_fn(cotangents: str):
+    if cotangents not in COTANGENTS:
+        raise ValueError(f"cotangents must be one of {COTANGENTS}, got {cotangents!r}")
+    return _cotangents if cotangents == "exact" else _naive_cotangents
+
+
 def _reduce_channels(sign: torch.Tensor, channel_reduce: str | None) -> torch.Tensor:
     """``sign``: [N, B, *input_shape]. Max over the channel axis (dim 2) when asked."""
     if channel_reduce is None:
@@ -132,6 +154,8 @@ def cosine_similarity_maps(
     channel_reduce: str | None = None,
     rescale_logits: bool = False,
     strategy: str = "auto",
+    cotangents: str = "exact",
+    return_channel_max: bool = False,
     timings: dict[str, float] | None = None,
 ) -> CSMResult:
     """The CSM of each sample in ``x`` for its top-N classes.
@@ -142,6 +166,16 @@ def cosine_similarity_maps(
     the channel axis (dim 1 of the input) before the cosine; ``rescale_logits`` scales
     logits to max |z| = 10 before the loss. Both are options of the official code and
     off by default.
+
+    ``cotangents``: ``"exact"`` (default) computes the cotangents p − e_i without
+    cancellation (float64, see ``_cotangents``); ``"naive"`` computes them in the model's
+    dtype as the official code does, where p_k − 1 rounds to 0 for a saturated softmax
+    and the predicted class's saliency loses its main term. ``"naive"`` exists to
+    reproduce and measure that defect, not for use.
+
+    ``return_channel_max=True`` also returns, in ``csm_channel_max``, the CSM of the
+    channel-max sign maps from the same backward passes (inputs with a channel axis only),
+    so both views cost one set of gradients.
 
     No gradient reaches the model's parameters (``.grad`` is left untouched), no graph
     outlives the call and the model's train/eval mode is not changed; put the model in
@@ -162,16 +196,21 @@ def cosine_similarity_maps(
             f"channel_reduce={channel_reduce!r} needs inputs with a channel axis (B, C, ...), "
             f"got shape {tuple(x.shape)}"
         )
+    if return_channel_max and x.dim() < 3:
+        raise ValueError(
+            f"return_channel_max=True needs inputs with a channel axis (B, C, ...), got shape {tuple(x.shape)}"
+        )
     if x.dim() < 2 or x.shape[0] == 0:
         raise ValueError(f"x must be a non-empty batch [B, *input_shape], got shape {tuple(x.shape)}")
     mode = resolve_strategy(strategy, x.device)
+    cot_fn = _cotangent_fn(cotangents)
 
     clock = _Stopwatch(timings, x.device)
     with torch.inference_mode(False), torch.enable_grad():
         x = x.detach()
         x = (x.clone() if x.is_inference() else x).requires_grad_(True)
         if mode == "replicate":
-            return _replicate(model, x, top_n, channel_reduce, rescale_logits, clock)
+            return _replicate(model, x, top_n, channel_reduce, rescale_logits, clock, cot_fn, return_channel_max)
         z = model(x)
         clock.lap("forward")
         check_logits(z)
@@ -180,7 +219,7 @@ def cosine_similarity_maps(
         classes = torch.topk(logits, n, dim=1).indices
         if rescale_logits:
             z = _rescale(z)
-        cot = _cotangents(z, classes)
+        cot = cot_fn(z, classes)
         if mode == "vmap":
             (grads,) = torch.autograd.grad(z, x, grad_outputs=cot, is_grads_batched=True)
             signs = torch.sign(grads)
@@ -189,10 +228,15 @@ def cosine_similarity_maps(
             for j in range(n):
                 (g,) = torch.autograd.grad(z, x, grad_outputs=cot[j], retain_graph=j < n - 1)
                 torch.sign(g, out=signs[j])
-    signs = _reduce_channels(signs, channel_reduce).transpose(0, 1)
-    csm = cosine_similarity_matrix(signs)
+    return _finish(signs, classes, logits, channel_reduce, return_channel_max, clock)
+
+
+def _finish(signs, classes, logits, channel_reduce, return_channel_max, clock) -> CSMResult:
+    """signs [N, B, *input_shape] -> CSMResult (and the channel-max CSM of the same signs when asked)."""
+    chmax = cosine_similarity_matrix(signs.amax(dim=2).transpose(0, 1)) if return_channel_max else None
+    csm = cosine_similarity_matrix(_reduce_channels(signs, channel_reduce).transpose(0, 1))
     clock.lap("gradients")
-    return CSMResult(csm, classes, logits)
+    return CSMResult(csm, classes, logits, chmax)
 
 
 class _Stopwatch:
@@ -222,7 +266,7 @@ def _check_top_n(top_n: int | None, num_classes: int) -> int:
     return top_n
 
 
-def _replicate(model, x, top_n, channel_reduce, rescale_logits, clock) -> CSMResult:
+def _replicate(model, x, top_n, channel_reduce, rescale_logits, clock, cot_fn, return_channel_max) -> CSMResult:
     with torch.no_grad():
         z0 = model(x[:1].detach())
     if z0.dim() != 2:
@@ -237,10 +281,7 @@ def _replicate(model, x, top_n, channel_reduce, rescale_logits, clock) -> CSMRes
     classes = torch.topk(logits, n, dim=1).indices
     if rescale_logits:
         z = _rescale(z)
-    cot = _cotangents(z[:b], classes).reshape(n * b, -1)
+    cot = cot_fn(z[:b], classes).reshape(n * b, -1)
     (g,) = torch.autograd.grad(z, xr, grad_outputs=cot)
     signs = torch.sign(g).reshape(n, *x.shape)
-    signs = _reduce_channels(signs, channel_reduce).transpose(0, 1)
-    csm = cosine_similarity_matrix(signs)
-    clock.lap("gradients")
-    return CSMResult(csm, classes, logits)
+    return _finish(signs, classes, logits, channel_reduce, return_channel_max, clock)

@@ -211,3 +211,73 @@ def test_confident_predictions_keep_the_predicted_class_direction():
         norms = np.sqrt((s * s).sum(1))
         np.testing.assert_allclose(res.csm[b].numpy(), (s @ s.T) / np.outer(norms, norms), atol=1e-6)
         assert res.csm[b, 0, 0] == 1.0  # not a zero saliency
+
+
+def _saturated_identity():
+    """z = x on 3 classes; x = (40, 0, -5) saturates the float32 softmax (p_0 == 1.0 exactly)."""
+    model = nn.Linear(3, 3, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.eye(3))
+    x = torch.tensor([[40.0, 0.0, -5.0]])
+    assert torch.softmax(x, 1)[0, 0].item() == 1.0
+    return model, x
+
+
+@pytest.mark.parametrize("strategy", ["loop", "vmap", "replicate"])
+def test_naive_cotangents_drop_the_predicted_class_term(strategy):
+    # with J = I the saliencies are the signs of the cotangents themselves:
+    # exact  s_0 = sign(-(p_1 + p_2), p_1, p_2) = (-1, 1, 1)
+    # naive  s_0 = sign(p_0 - 1, p_1, p_2) = (0, 1, 1)   (p_0 - 1 rounds to 0 in float32)
+    # both   s_1 = (1, -1, 1), s_2 = (1, 1, -1)
+    model, x = _saturated_identity()
+    third = 1.0 / 3.0
+    exact = cosine_similarity_maps(model, x, strategy=strategy)
+    expected = torch.tensor([[1.0, -third, -third], [-third, 1.0, -third], [-third, -third, 1.0]])
+    assert exact.classes.tolist() == [[0, 1, 2]]
+    torch.testing.assert_close(exact.csm[0], expected, atol=1e-7, rtol=0)
+    naive = cosine_similarity_maps(model, x, strategy=strategy, cotangents="naive")
+    expected[0, 1:] = expected[1:, 0] = 0.0
+    torch.testing.assert_close(naive.csm[0], expected, atol=1e-7, rtol=0)
+    # the default is the exact variant
+    assert torch.equal(cosine_similarity_maps(model, x, strategy=strategy, cotangents="exact").csm, exact.csm)
+
+
+def test_naive_cotangents_match_the_cross_entropy_backward_of_the_official_code():
+    # F.cross_entropy's backward is the naive float32 p - e_i: the brute-force reference has the defect too
+    model, x = _saturated_identity()
+    x = torch.cat([x, torch.tensor([[0.3, -0.2, 0.1]])])
+    naive = cosine_similarity_maps(model, x, cotangents="naive")
+    np.testing.assert_allclose(naive.csm.numpy(), _reference_csm(model, x, naive.classes), atol=1e-6)
+    # on the unsaturated sample both variants agree
+    exact = cosine_similarity_maps(model, x)
+    assert torch.equal(exact.csm[1], naive.csm[1]) and not torch.equal(exact.csm[0], naive.csm[0])
+
+
+@pytest.mark.parametrize("strategy", ["loop", "vmap", "replicate"])
+def test_channel_max_from_the_same_gradients(strategy):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 6)).eval()
+    x = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    both = cosine_similarity_maps(model, x, strategy=strategy, return_channel_max=True)
+    plain = cosine_similarity_maps(model, x, strategy=strategy)
+    red = cosine_similarity_maps(model, x, strategy=strategy, channel_reduce="max")
+    assert torch.equal(both.csm, plain.csm) and torch.equal(both.classes, plain.classes)
+    assert torch.equal(both.csm_channel_max, red.csm)
+    assert plain.csm_channel_max is None
+    np.testing.assert_allclose(both.csm_channel_max.numpy(), _reference_csm(model, x, both.classes,
+                                                                            channel_max=True), atol=1e-6)
+    # with the naive cotangents and rescaled logits too
+    b2 = cosine_similarity_maps(model, x, 3, strategy=strategy, return_channel_max=True, cotangents="naive",
+                                rescale_logits=True)
+    r2 = cosine_similarity_maps(model, x, 3, strategy=strategy, channel_reduce="max", cotangents="naive",
+                                rescale_logits=True)
+    assert torch.equal(b2.csm_channel_max, r2.csm)
+
+
+def test_invalid_cotangent_and_channel_max_options():
+    model = _linear()
+    x = torch.randn(2, 6)
+    with pytest.raises(ValueError, match="cotangents must be one of"):
+        cosine_similarity_maps(model, x, cotangents="float32")
+    with pytest.raises(ValueError, match="return_channel_max=True needs inputs with a channel axis"):
+        cosine_similarity_maps(model, x, return_channel_max=True)
