@@ -32,7 +32,7 @@ import torch
 
 from benchmarks import reproduce as R
 from benchmarks.splits import DEFAULT_CACHE, load_split, split_key
-from detectors.composite import CompositeDetector, Signals
+from detectors.composite import CompositeConfig, CompositeDetector, Signals
 from detectors.features import csm_features
 from detectors.metrics import auroc, tnr_at_tpr
 from detectors.signals import default_layers
@@ -117,38 +117,41 @@ def evaluate(det, sets: dict[str, Signals], ood: tuple[str, ...], types: tuple[s
 
 
 def configurations(dataset: str) -> list[dict]:
+    """Every configuration compared; each names all the options it sets (the rest: the class defaults)."""
     layer_sets = list(CANDIDATE_LAYERS[dataset])
     first = layer_sets[0]
+    plain = {"two_sided": ["margin", "energy"], "truncation": 1.0}  # the first round: plain Fisher, both tails
     cfgs = []
     for comb in ("fisher", "min", "sum", "loda"):
         for ls in layer_sets:
-            cfgs.append({"combine": comb, "layers": ls, "top_n": 5})
+            cfgs.append({"combine": comb, "layers": ls, "top_n": 5, **plain})
     for n in (3, None):
-        cfgs.append({"combine": "fisher", "layers": first, "top_n": n})
+        cfgs.append({"combine": "fisher", "layers": first, "top_n": n, **plain})
     for comb in ("fisher", "sum"):
         cfgs += [
-            {"combine": comb, "layers": first, "top_n": 5, "use_gga": False},
-            {"combine": comb, "layers": first, "top_n": 5, "use_logits": False},
-            {"combine": comb, "layers": None, "top_n": 5, "use_layers": False},
+            {"combine": comb, "layers": first, "top_n": 5, "use_gga": False, **plain},
+            {"combine": comb, "layers": first, "top_n": 5, "use_logits": False, **plain},
+            {"combine": comb, "layers": None, "top_n": 5, "use_layers": False, **plain},
         ]
-    cfgs.append({"combine": "fisher", "layers": None, "top_n": 5, "use_layers": False, "use_logits": False})
-    cfgs.append({"combine": "sum", "layers": first, "top_n": 5, "use_gga": False, "use_logits": False})
+    cfgs.append({"combine": "fisher", "layers": None, "top_n": 5, "use_layers": False, "use_logits": False, **plain})
+    cfgs.append({"combine": "sum", "layers": first, "top_n": 5, "use_gga": False, "use_logits": False, **plain})
+    # the second round: misclassifications (wrong vs right) ranked far below max softmax; one-sided margin,
+    # weights, and the truncated product
     for ls in layer_sets[:2]:
+        one = {"combine": "fisher", "layers": ls, "top_n": 5, "two_sided": ["energy"]}
         cfgs += [
-            {"combine": "fisher", "layers": ls, "top_n": 5, "two_sided": ["energy"]},
-            {"combine": "fisher", "layers": ls, "top_n": 5, "layer_weight": "shared"},
-            {"combine": "fisher", "layers": ls, "top_n": 5, "layer_weight": "shared", "two_sided": ["energy"]},
-            {"combine": "fisher", "layers": ls, "top_n": 5, "layer_weight": "shared", "two_sided": []},
-            {"combine": "sum", "layers": ls, "top_n": 5, "layer_weight": "shared"},
+            {**one, "truncation": 1.0},
+            {**plain, "combine": "fisher", "layers": ls, "top_n": 5, "layer_weight": "shared"},
+            {**one, "truncation": 1.0, "layer_weight": "shared"},
+            {**one, "truncation": 1.0, "layer_weight": "shared", "two_sided": []},
+            {**plain, "combine": "sum", "layers": ls, "top_n": 5, "layer_weight": "shared"},
         ]
-        for w in (2.0, 3.0, 5.0):
-            cfgs.append({"combine": "fisher", "layers": ls, "top_n": 5, "two_sided": ["energy"], "margin_weight": w})
+        cfgs += [{**one, "truncation": 1.0, "margin_weight": w} for w in (2.0, 3.0, 5.0)]
         for tau in (0.1, 0.01):
-            cfgs.append({"combine": "fisher", "layers": ls, "top_n": 5, "two_sided": ["energy"], "truncation": tau})
-            cfgs.append({"combine": "fisher", "layers": ls, "top_n": 5, "two_sided": ["energy"], "truncation": tau,
-                         "use_gga": False})
-            cfgs.append({"combine": "fisher", "layers": ls, "top_n": 5, "two_sided": ["energy"], "truncation": tau,
-                         "margin_weight": 2.0})
+            cfgs += [{**one, "truncation": tau}, {**one, "truncation": tau, "use_gga": False},
+                     {**one, "truncation": tau, "margin_weight": 2.0}]
+        cfgs += [{**one, "truncation": 0.1, "top_n": n} for n in (3, None)]
+        cfgs += [{**one, "truncation": 0.1, "use_logits": False}, {**one, "truncation": 0.1, "use_layers": False}]
     return cfgs
 
 
@@ -223,9 +226,13 @@ def main(argv: list[str] | None = None) -> dict:
                  f"mis {row['misclassification_auroc'] or float('nan'):6.2f} "
                  f"with-mis {row['mean_auroc_with_misclassification'] or float('nan'):6.2f}")
     results.sort(key=lambda r: (-r["mean_auroc"], -r["mean_tnr"]))
+    served = dataclasses.asdict(CompositeConfig())
     out = {"dataset": args.dataset, "command": "python -m benchmarks.select_composite " + " ".join(argv or []),
            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "runtime_s": log.finish(),
-           "validation_counts": {k: len(v) for k, v in val.sets.items()}, "results": results}
+           "validation_counts": {k: len(v) for k, v in val.sets.items()},
+           "served_defaults": {k: served[k] for k in ("combine", "two_sided", "truncation", "margin_weight",
+                                                       "layer_weight", "top_n")},
+           "results": results}
     args.out.mkdir(parents=True, exist_ok=True)
     name = f"select_{args.dataset}{'_' + own.match if own.match else ''}.json"
     (args.out / name).write_text(json.dumps(R._clean_json(out), indent=1) + "\n")

@@ -10,7 +10,8 @@
   p-values and calibrated conformally (:mod:`detectors.composite`, whose defaults are
   the configuration chosen on validation data, ``benchmarks/select_composite.py``).
 
-``top_n`` None means the preset's own choice (all classes for ``paper``, 5 otherwise,
+For a TorchScript model (its layers cannot be observed) the composite leaves out the
+layer distances. ``top_n`` None means the preset's own choice (all classes for ``paper``, 5 otherwise,
 never more than the model's classes).
 """
 
@@ -22,6 +23,7 @@ from torch import nn
 
 from detectors.composite import CompositeDetector
 from detectors.gga import GGADetector
+from detectors.signals import supports_hooks
 
 PRESETS = ("paper", "gga", "composite")
 DEFAULT_PRESET = "composite"
@@ -44,8 +46,10 @@ def build_detector(preset: str, model: nn.Module, *, num_classes: int, top_n: in
         det = GGADetector(model, top_n=partial, alpha=alpha, n_bins=100, seed=seed, include_softmax=True,
                           strategy=strategy)
     else:
-        det = CompositeDetector(model, top_n=partial, alpha=alpha, layers=list(layers) if layers else None,
-                                seed=seed, strategy=strategy)
+        # a TorchScript model hides its layers (no forward hooks): the composite then runs on GGA and the logits
+        use_layers = supports_hooks(model)
+        det = CompositeDetector(model, top_n=partial, alpha=alpha, use_layers=use_layers,
+                                layers=list(layers) if layers and use_layers else None, seed=seed, strategy=strategy)
     det.preset = preset
     return det
 

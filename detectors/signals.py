@@ -36,6 +36,11 @@ def logit_margin(logits: torch.Tensor) -> torch.Tensor:
     return z.gather(1, top)[:, 0] - torch.logsumexp(rest, dim=1)
 
 
+def supports_hooks(model: nn.Module) -> bool:
+    """False for TorchScript modules, whose layers cannot be observed during a forward pass."""
+    return not isinstance(model, torch.jit.ScriptModule)
+
+
 def default_layers(model: nn.Module, example: torch.Tensor) -> list[str]:
     """The model's top-level children whose outputs are features, found by one probe pass.
 
@@ -97,6 +102,10 @@ class LayerTap:
             raise ValueError(f"feature layers {missing} are not submodules of the model; names look like {known}")
         if not layers:
             raise ValueError("LayerTap needs at least one layer name")
+        if not supports_hooks(model):
+            raise ValueError("a TorchScript model cannot report its layers (no forward hooks on ScriptModules): "
+                             "serve it as 'factory:<module>:<function>' with safetensors weights to use layer "
+                             "signals, or fit without them")
         self.layers = list(layers)
         self._modules = [modules[name] for name in self.layers]
         self._out: dict[str, torch.Tensor] = {}

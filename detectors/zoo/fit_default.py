@@ -1,14 +1,15 @@
-"""Fit the GGA detector that ships with the reference MNIST model.
+"""Fit the detector that ships with the reference MNIST model.
 
     python -m detectors.zoo.fit_default --data-dir ../shared/data/mnist --model-dir service/default_model
 
-LODA is fitted on a seeded subset of ``--n-samples`` images of the model's own training
-part (the seeded 90% of MNIST train); the calibration scores come from the 10% validation
-part the model never trained on (``--calibration-samples`` of it), so that they are
-exchangeable with fresh inputs (on its training images the model is more confident,
-and calibrating there flags more than alpha of fresh clean inputs). The test set is not
-touched. Writes ``<model-dir>/detector/``. The configuration (top-5 CSM, max softmax as
-an 11th feature, 100 bins) was chosen on validation data, see
+The detector is the ``--preset`` (default: the composite, see ``detectors/presets.py``)
+with the feature layers of the model card. It is fitted on a seeded subset of
+``--n-samples`` images of the model's own training part (the seeded 90% of MNIST train);
+the calibration scores come from the 10% validation part the model never trained on
+(``--calibration-samples`` of it), so that they are exchangeable with fresh inputs (on
+its training images the model is more confident, and calibrating there flags more than
+alpha of fresh clean inputs). The test set is not touched. Writes
+``<model-dir>/detector/``. The configuration was chosen on validation data, see
 ``benchmarks/results/REPORT.md``.
 """
 
@@ -24,7 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 from detectors.datasets import load_idx_split
-from detectors.gga import GGADetector
+from detectors.presets import PRESETS, build_detector
 from detectors.zoo.mnist_cnn import MnistCNN
 
 
@@ -35,9 +36,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n-samples", type=int, default=20000)
     p.add_argument("--calibration-samples", type=int, default=6000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--top-n", type=int, default=5)
-    p.add_argument("--n-bins", type=int, default=100)
-    p.add_argument("--no-softmax", action="store_true", help="leave out the max softmax feature")
+    p.add_argument("--preset", choices=PRESETS, default="composite")
+    p.add_argument("--top-n", type=int, default=None, help="classes in the CSM (default: the preset's choice)")
     args = p.parse_args(argv)
 
     model = MnistCNN()
@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> None:
     def progress(done: int, total: int) -> None:
         print(f"\rfeatures {done}/{total} {time.time() - t0:.0f}s", end="", flush=True)
 
-    det = GGADetector(model, top_n=args.top_n, n_bins=args.n_bins, seed=args.seed,
-                      include_softmax=not args.no_softmax)
+    det = build_detector(args.preset, model, num_classes=len(card["class_names"]), top_n=args.top_n,
+                         layers=card.get("feature_layers"), seed=args.seed)
     det.fit(x, y, batch_size=500, progress=progress, calibration=(x_cal, y_cal))
     print()
     det.save(args.model_dir / "detector")

@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import load_file
 
 from detectors.datasets import load_idx_split
-from detectors.gga import GGADetector
+from detectors.persist import load_detector
 from detectors.zoo import MnistCNN
 from service.app import create_app
 from service.settings import DEFAULT_MODEL_DIR, Settings
@@ -26,12 +26,12 @@ def mnist_test() -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.fixture(scope="session")
-def reference() -> GGADetector:
-    """The bundled detector, used directly (no service) as ground truth."""
+def reference():
+    """The bundled detector (the composite preset), used directly (no service) as ground truth."""
     model = MnistCNN()
     model.load_state_dict(load_file(str(DEFAULT_MODEL_DIR / "model.safetensors")))
     model.eval()
-    return GGADetector.load(DEFAULT_MODEL_DIR / "detector", model)
+    return load_detector(DEFAULT_MODEL_DIR / "detector", model)
 
 
 def make_settings(tmp_path: Path, **kw) -> Settings:
@@ -81,7 +81,7 @@ def npy_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def expected_rows(reference: GGADetector, x: np.ndarray) -> list[dict]:
+def expected_rows(reference, x: np.ndarray) -> list[dict]:
     """What the detector computes for each sample alone (batch of one)."""
     rows = []
     for i in range(len(x)):

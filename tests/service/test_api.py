@@ -17,7 +17,9 @@ def _check_row(row: dict, exp: dict) -> None:
     assert [c["label"] for c in row["top_classes"]] == exp["top"]
     assert row["flagged"] == exp["flagged"]
     assert row["trust"] == pytest.approx(exp["trust"], abs=1e-12)
-    assert row["score"] == pytest.approx(exp["score"], rel=1e-9)
+    # the layer activations (float sums inside the model) round differently in another batch: the raw
+    # statistic agrees to float rounding, trust and flag exactly
+    assert row["score"] == pytest.approx(exp["score"], rel=1e-6)
     assert row["confidence"] == pytest.approx(exp["confidence"], rel=1e-6)
     assert row["detector_version"] == "v0"
 
@@ -64,7 +66,11 @@ def test_info_health_ready_and_openapi(tmp_path):
             assert info["class_names"] == [str(i) for i in range(10)]
             assert info["detector_version"] == "v0" and info["device"] == "cpu"
             assert info["batching"]["max_batch_rows"] == 32
-            assert info["detector"]["fit"]["n_calibration"] == 5951  # correct ones of 6,000 validation images
+            assert info["detector"]["fit"]["n_calibration"] == 6000  # all 6,000 held-out validation images
+            assert (info["detector"]["kind"], info["detector"]["preset"]) == ("composite", "composite")
+            assert info["detector"]["components"] == ["gga", "margin", "energy", "layer:features.1",
+                                                      "layer:features.3", "layer:features.6", "layer:features.8",
+                                                      "layer:act"]
             assert info["model_card"]["test_accuracy"] >= 0.99
             spec = (await svc.client.get("/openapi.json")).json()
             content = spec["paths"]["/predict"]["post"]["requestBody"]["content"]

@@ -28,24 +28,39 @@ def _mnist() -> MnistCNN:
     return m.eval()
 
 
-def test_torchscript_model_uses_the_bundled_detector(tmp_path, mnist_test):
+def test_torchscript_model_gets_a_composite_without_layers(tmp_path, mnist_test):
+    """A TorchScript model hides its layers: the bundled composite (which reads them) is not used, and
+    a composite fitted for it runs on GGA and the logit signals."""
     path = tmp_path / "mnist.pt"
     torch.jit.script(_mnist()).save(str(path))
     x = mnist_test[0][:4]
 
+    xf, yf = mnist_test[0][:300], mnist_test[1][:300]
+    buf = io.BytesIO()
+    np.savez(buf, x=xf, y=yf)
+
     async def go(settings):
         async with Running(settings) as svc:
             info = (await svc.client.get("/info")).json()
+            before = (await svc.client.get("/readyz")).status_code
+            auth = {"authorization": "Bearer t0ken"}
+            r = await svc.client.post("/fit", files={"file": ("f.npz", buf.getvalue())}, headers=auth)
+            assert r.status_code == 202, r.text
+            for _ in range(600):
+                job = (await svc.client.get(r.headers["location"], headers=auth)).json()
+                if job["state"] in ("succeeded", "failed"):
+                    break
+                await asyncio.sleep(0.05)
             preds = (await svc.client.post("/predict", json={"inputs": x.tolist()})).json()["predictions"]
-            return info, preds
+            return info, before, job, preds
 
-    ts_info, ts = run(go(make_settings(tmp_path, model=f"torchscript:{path}",
-                                       model_card=DEFAULT_MODEL_DIR / "model_card.json")))
-    _, eager = run(go(make_settings(tmp_path)))
-    assert ts_info["detector_version"] == "v0"  # same weights, same fingerprint
-    assert [p["label"] for p in ts] == [p["label"] for p in eager] == mnist_test[1][:4].tolist()
-    for a, b in zip(ts, eager, strict=True):
-        assert a["trust"] == pytest.approx(b["trust"], abs=1e-12)
+    ts_info, ready, job, ts = run(go(make_settings(tmp_path, model=f"torchscript:{path}", admin_token="t0ken",
+                                                   model_card=DEFAULT_MODEL_DIR / "model_card.json")))
+    assert ts_info["detector_version"] is None and ready == 503
+    assert job["state"] == "succeeded", job
+    assert job["result"]["components"] == ["gga", "margin", "energy"]
+    assert [p["label"] for p in ts] == mnist_test[1][:4].tolist()
+    assert {p["detector_version"] for p in ts} == {"v1"}
     with pytest.raises(ModelLoadError, match="needs a model card"):
         load_model(make_settings(tmp_path, model=f"torchscript:{path}"), torch.device("cpu"))
 
