@@ -126,6 +126,7 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
                 timeout_s=max(settings.request_timeout_s, settings.max_delay_ms / 1000.0 + 1e-3),
                 on_batch=worker.on_batch,
             )
+            metrics.queue_rows.set_function(lambda: batcher.queued_rows)  # read at each scrape
             fits = FitJobManager(model, device, store, slot, metrics, num_classes=len(card.class_names),
                                  feature_layers=card.feature_layers, batch_size=settings.fit_batch_size,
                                  on_swap=metrics.set_detector_version)

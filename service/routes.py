@@ -85,6 +85,10 @@ async def predict(request: Request, return_csm: bool = False) -> Response:
     if ctype != "application/json" and ctype not in NPY_TYPES:
         raise ApiError(415, "unsupported_media_type", f"content type {ctype or '(none)'!r} is not supported; send "
                        "application/json ({\"inputs\": [...]}) or application/x-npy (one .npy array)")
+    batcher = st.batcher
+    if batcher.queued_rows >= batcher.max_queue_rows:  # admission before reading or decoding the body
+        raise ApiError(503, "overloaded", f"the queue is full ({batcher.queued_rows} of {batcher.max_queue_rows} "
+                       "rows); retry later", headers={"Retry-After": "1"})
     body = await _read_body(request, st.settings.max_request_bytes)
     shape = st.card.input_shape
     if ctype == "application/json":

@@ -28,9 +28,13 @@ def test_full_queue_503_then_timeout_504_then_healthy(tmp_path, mnist_test):
                     await asyncio.sleep(0.01)
                 queued = asyncio.create_task(svc.client.post("/predict", json={"inputs": x}))
                 await asyncio.sleep(0.05)
+                queue_gauge = (await svc.metrics())[("gga_queue_rows", ())]
                 t0 = time.perf_counter()
                 full = await svc.client.post("/predict", json={"inputs": x})
                 full_s = time.perf_counter() - t0
+                # the queue is full: refused before the body is read (a malformed body gets 503, not 400)
+                unread = await svc.client.post("/predict", content=b"{not json",
+                                               headers={"content-type": "application/json"})
                 timed_out = await queued  # waits 0.5 s in the queue behind the stuck batch
             finally:
                 fakes.GATE.set()
@@ -38,9 +42,13 @@ def test_full_queue_503_then_timeout_504_then_healthy(tmp_path, mnist_test):
             after = await svc.client.post("/predict", json={"inputs": x})
             health = await svc.client.get("/healthz")
             ready = await svc.client.get("/readyz")
-            return full, full_s, timed_out, first, after, health, ready, await svc.metrics()
+            return full, full_s, timed_out, first, after, health, ready, await svc.metrics(), queue_gauge, unread
 
-    full, full_s, timed_out, first, after, health, ready, m = run(go())
+    full, full_s, timed_out, first, after, health, ready, m, queue_gauge, unread = run(go())
+    assert queue_gauge == 1  # gga_queue_rows: the one queued row while the worker was stuck
+    assert m[("gga_queue_rows", ())] == 0
+    assert unread.status_code == 503 and unread.json()["error"]["type"] == "overloaded"
+    assert unread.headers["retry-after"] == "1"
     assert full.status_code == 503
     assert full.json()["error"]["type"] == "overloaded"
     assert int(full.headers["retry-after"]) >= 1
@@ -49,6 +57,6 @@ def test_full_queue_503_then_timeout_504_then_healthy(tmp_path, mnist_test):
     assert first.status_code == 200 and after.status_code == 200
     assert first.json()["predictions"][0]["label"] == after.json()["predictions"][0]["label"] == 7
     assert health.status_code == 200 and ready.status_code == 200
-    assert m[("gga_requests_total", (("route", "/predict"), ("status", "503")))] == 1
+    assert m[("gga_requests_total", (("route", "/predict"), ("status", "503")))] == 2
     assert m[("gga_requests_total", (("route", "/predict"), ("status", "504")))] == 1
     assert m[("gga_rows_total", ())] == 2  # the timed-out request was never computed
