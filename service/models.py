@@ -34,12 +34,12 @@ BUILTIN_CARDS = {
     "cifar_resnet20": {
         "name": "cifar_resnet20", "input_shape": [3, 32, 32], "class_names": CIFAR10_CLASSES,
         "preprocessing": "RGB pixels in [0, 1], NCHW; ImageNet mean/std normalisation happens inside the model",
-        "feature_layers": CIFAR_RESNET_LAYERS,
+        "feature_layers": CIFAR_RESNET_LAYERS, "value_range": [0.0, 1.0],
     },
     "cifar_resnet56": {
         "name": "cifar_resnet56", "input_shape": [3, 32, 32], "class_names": CIFAR10_CLASSES,
         "preprocessing": "RGB pixels in [0, 1], NCHW; ImageNet mean/std normalisation happens inside the model",
-        "feature_layers": CIFAR_RESNET_LAYERS,
+        "feature_layers": CIFAR_RESNET_LAYERS, "value_range": [0.0, 1.0],
     },
 }
 
@@ -55,6 +55,18 @@ class ModelCard:
     class_names: list[str]
     extra: dict = field(default_factory=dict)
     feature_layers: tuple[str, ...] | None = None  # submodules the composite detector reads; None: found by probe
+    value_range: tuple[float, float] | None = None  # the input values the model was trained on
+    value_range_policy: str = "reject"  # reject: 422 naming the sample; warn: served with a warning
+
+    def check_range(self, x) -> list[tuple[int, float, float]]:
+        """Samples of x [B, ...] with values outside ``value_range``: (index, min, max) each, in order."""
+        if self.value_range is None or len(x) == 0:
+            return []
+        lo, hi = self.value_range
+        flat = x.reshape(len(x), -1)
+        mins, maxs = flat.min(axis=1), flat.max(axis=1)
+        bad = (mins < lo) | (maxs > hi)
+        return [(int(i), float(mins[i]), float(maxs[i])) for i in bad.nonzero()[0]]
 
     @classmethod
     def from_dict(cls, d: dict, source: str) -> ModelCard:
@@ -73,9 +85,23 @@ class ModelCard:
                                    or not all(isinstance(n, str) and n for n in layers)):
             raise ModelLoadError(f"model card {source}: feature_layers must be a non-empty list of module names "
                                  f"(from model.named_modules()), got {layers!r}")
+        value_range = d.get("value_range")
+        if value_range is not None:
+            try:
+                lo, hi = (float(v) for v in value_range)
+            except (TypeError, ValueError) as exc:
+                raise ModelLoadError(f"model card {source}: value_range must be [low, high], got {value_range!r}") \
+                    from exc
+            if not lo < hi:
+                raise ModelLoadError(f"model card {source}: value_range needs low < high, got {value_range!r}")
+            value_range = (lo, hi)
+        policy = d.get("value_range_policy", "reject")
+        if policy not in ("reject", "warn"):
+            raise ModelLoadError(f"model card {source}: value_range_policy must be 'reject' or 'warn', got {policy!r}")
         extra = {k: v for k, v in d.items() if k not in ("input_shape", "class_names", "name")}
         return cls(name=str(d.get("name", source)), input_shape=shape, class_names=names, extra=extra,
-                   feature_layers=tuple(layers) if layers else None)
+                   feature_layers=tuple(layers) if layers else None, value_range=value_range,
+                   value_range_policy=policy)
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:

@@ -103,6 +103,7 @@ async def predict(request: Request, return_csm: bool = False) -> Response:
             x = decode_json_inputs(doc, shape)
     else:
         x = await run_in_threadpool(decode_npy, body, shape) if len(body) > OFFLOAD_BYTES else decode_npy(body, shape)
+    warnings = _range_warnings(st.card, x)
     detector, _ = st.slot.get()
     if detector is None:
         raise ApiError(503, "no_detector", "no fitted detector for this model yet: calibrate one with POST /fit")
@@ -125,7 +126,25 @@ async def predict(request: Request, return_csm: bool = False) -> Response:
     except NonFiniteLogitsError as exc:
         raise ApiError(422, "non_finite_output", str(exc)) from exc
     alpha = st.settings.alpha if st.settings.alpha is not None else detector.alpha
-    return JSONResponse({"model": st.card.name, "alpha": alpha, "predictions": rows})
+    answer = {"model": st.card.name, "alpha": alpha, "predictions": rows}
+    if warnings:
+        answer["warnings"] = warnings
+    return JSONResponse(answer)
+
+
+def _range_warnings(card, x: np.ndarray) -> list[dict]:
+    """The model card's value range: out-of-range samples are a 422 (policy reject) or warnings (warn)."""
+    bad = card.check_range(x)
+    if not bad:
+        return []
+    lo, hi = card.value_range
+    i, vmin, vmax = bad[0]
+    if card.value_range_policy == "reject":
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise ApiError(422, "out_of_range", f"sample {i}{more} has values in [{vmin:.6g}, {vmax:.6g}]; this model "
+                       f"takes values in [{lo:g}, {hi:g}] (model card value_range), e.g. pixels divided by 255")
+    return [{"sample": j, "message": f"values in [{a:.6g}, {b:.6g}] are outside the model's range [{lo:g}, {hi:g}]"}
+            for j, a, b in bad]
 
 
 def _require_admin(request: Request) -> None:

@@ -39,10 +39,18 @@ class Prediction(BaseModel):
     csm: list[list[float]] | None = Field(None, description="N×N CSM, predicted class first (on request)")
 
 
+class RangeWarning(BaseModel):
+    sample: int
+    message: str
+
+
 class PredictResponse(BaseModel):
     model: str
     alpha: float
     predictions: list[Prediction]
+    warnings: list[RangeWarning] | None = Field(
+        None, description="samples outside the model card's value_range (only with value_range_policy 'warn'; "
+        "with 'reject' they are a 422)")
 
 
 class FitAccepted(BaseModel):

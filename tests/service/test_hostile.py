@@ -141,10 +141,10 @@ HOSTILE_PREDICT = [
                                                    "headers": NPY}, 400, "malformed_npy", "bytes of data follow"),
     (".npz sent to /predict", {"content": _npz(x=np.zeros((1, 1, 28, 28), np.float32)), "headers": NPY}, 400,
      "malformed_npy", "not an .npz"),
-    ("3e38 everywhere: finite in float32, overflows inside the model",
+    ("3e38 everywhere: finite in float32, outside the card's value range",
      {"content": npy_bytes(np.concatenate([np.zeros((1, 1, 28, 28), np.float32),
                                            np.full((1, 1, 28, 28), 3e38, np.float32)])), "headers": NPY},
-     422, "non_finite_output", "sample(s) 1"),
+     422, "out_of_range", "sample 1 "),
     ("Content-Length of 5,000 digits", {"content": b"{}", "headers": {**JSON, "content-length": "9" * 5000}},
      413, "payload_too_large", "limit"),
 ]
