@@ -112,6 +112,8 @@ class FitJobManager:
             if busy is not None:
                 raise FitBusyError(f"fit job {busy.id} is still {busy.state}; wait for it (GET /fit/{busy.id})")
             job = FitJob(id=uuid.uuid4().hex[:16], total=len(x) + (len(calibration[0]) if calibration else 0))
+            # running from the moment it is accepted (the thread starts now): the 202 always says "running"
+            job.state, job.phase, job.started_at = "running", "features", time.time()
             self.jobs[job.id] = job
             while len(self.jobs) > MAX_JOBS_KEPT:
                 self.jobs.pop(next(iter(self.jobs)))
@@ -121,7 +123,6 @@ class FitJobManager:
         return job
 
     def _run(self, job: FitJob, x: np.ndarray, y: np.ndarray, calibration, options: FitOptions) -> None:
-        job.state, job.phase, job.started_at = "running", "features", time.time()
 
         def progress(done: int, total: int) -> None:
             job.done, job.total = done, total
