@@ -41,9 +41,14 @@ PAPER_T3_CIFAR100 = {"top-100 (all)": (98.0, 87.5, 99.7), "top-10": (98.0, 86.9,
 PAPER_NAME = {"msp": "Baseline", "odin": "ODIN", "mahalanobis": "Maha", "gga": "Ours"}
 T1_KEYS = ("noise", "pgd", "rotation", "bb", "bb_l2", "ood")
 ADAPTIVE = (("t_sce", "T-SCE"), ("t_mse", "T-MSE"), ("csa", "CSA"))
-METHOD_ORDER = ("msp", "odin", "energy", "mahalanobis", "neg_s1_mean", "gga", "gga_selected", "gga_rescale",
-                "gga_chmax", "gga_official", "gga_naive", "gga_precise", "gga_softmax", "gga_margin", "gga_bins500",
-                "gga_bins100", "gga_nostd", "gga_heldout", "gga_train_matched", "gga_top5", "gga_top3")
+METHOD_ORDER = ("msp", "odin", "energy", "mahalanobis", "layers_sum", "neg_s1_mean", "composite", "composite_no_gga",
+                "composite_no_logits", "composite_no_layers", "gga_in_composite", "gga", "gga_selected",
+                "gga_rescale", "gga_chmax", "gga_official", "gga_naive", "gga_precise", "gga_softmax", "gga_margin",
+                "gga_bins500", "gga_bins100", "gga_nostd", "gga_heldout", "gga_train_matched", "gga_top5", "gga_top3")
+COMPOSITE_ROWS = ("composite", "composite_no_gga", "composite_no_logits", "composite_no_layers", "gga_in_composite",
+                  "layers_sum", "gga", "gga_selected")
+TABLE2_ROWS = ("composite", "composite_no_gga", "gga_in_composite", "layers_sum", "gga", "gga_selected",
+               "gga_rescale", "gga_naive", "gga_precise", "msp", "mahalanobis", "neg_s1_mean")
 
 
 def _pct(v, digits: int = 1) -> str:
@@ -89,15 +94,21 @@ def section_run(r: dict) -> str:
         f"- validation: {r['notes']['validation']}",
         f"- OOD: {r['notes']['ood']}",
     ]
+    if r.get("splits_cache", {}).get("dir"):
+        c = r["splits_cache"]
+        lines.append(f"- splits: validation {c.get('val')}, test {c.get('test')} (cache `{c['dir']}`; attacks, "
+                     "seeds and sizes as without the cache)")
     if "caveat" in r["notes"]:
         lines.append(f"- **caveat: {r['notes']['caveat']}**")
     counts = []
     for split in ("val", "test"):
         c = s[split]
         counts.append([split] + [str(c.get(k, "–")) for k in
-                                 ("clean_total", "clean_correct", *r["ood_sets"], "gaussian_unclipped", "noise",
+                                 ("clean_total", "clean_correct", "misclassified", *r["ood_sets"],
+                                  "gaussian_unclipped", "noise",
                                   "pgd", "pgd_l2", "rotation", "bb", "bb_l2", "t_sce", "t_mse", "csa")])
-    header = ["split", "clean", "clean correct", *r["ood_sets"], "gauss. unclipped", "noise", "PGD", "PGD L2",
+    header = ["split", "clean", "clean correct", "misclassified", *r["ood_sets"], "gauss. unclipped", "noise", "PGD",
+              "PGD L2",
               "rotation", "B&B", "B&B L2", "T-SCE", "T-MSE", "CSA"]
     return "\n".join(lines) + "\n\nSample counts (attacks: successful ones only):\n\n" + _table(header, counts)
 
@@ -154,7 +165,7 @@ def section_table2(r: dict) -> str:
     rows = []
     if ds in PAPER_T2:
         rows.append(["GGA (paper)", *[f"{v:.1f}" for v in PAPER_T2[ds]]])
-    for m in ("gga", "gga_selected", "gga_rescale", "gga_naive", "gga_precise", "msp", "neg_s1_mean"):
+    for m in TABLE2_ROWS:
         if m in t2:
             rows.append([f"{m} (ours)", *[_pct(t2[m].get(k)) for k, _ in ADAPTIVE]])
     att = r["attacks"]["test"]
@@ -176,13 +187,146 @@ def section_table3(r: dict) -> str:
             + _table(["CSM", "AUROC", "AUPR-In", "AUPR-Out", "T-SCE", "T-MSE", "CSA"], rows + paper))
 
 
+def _pts(v, digits: int = 1) -> str:
+    return "–" if v is None else f"{100 * v:+.{digits}f}"
+
+
+def section_misclassification(r: dict) -> str:
+    """Wrong vs right predictions on the clean test images, every method."""
+    mis = r["tables"].get("misclassification", {})
+    rows, ref = [], None
+    for m in _methods(r):
+        x = mis.get(m)
+        if not x:
+            continue
+        ref = x
+        flag = r["methods"][m].get("clean_all_flag_rate_at_alpha_0.05", {}).get("test")
+        rows.append([f"**{m}**" if m in ("composite", "msp") else m, _pct(x["auroc"]), _num(100 * x["aurc"], 2),
+                     _num(100 * x["risk_at_95_coverage"], 2), _pct(flag)])
+    if not rows:
+        return "No misclassified clean test image in this run: nothing to measure."
+    rows.append(["perfect ranking", "100.0", _num(100 * ref["aurc_optimal"], 2),
+                 _num(100 * ref["risk_at_95_coverage_optimal"], 2), ""])
+    return (f"Telling wrong predictions from right ones on the clean test images{_caveat(r)}: "
+            f"{ref['n_wrong']} misclassified vs {ref['n_right']} correctly classified (error rate "
+            f"{_pct(ref['error_rate'], 2)}%). AUROC [%] of the score (wrong = positive); AURC [%] and risk at 95% "
+            "coverage [%] accept the lowest scores first (lower is better); 'flag %' = share of ALL clean test "
+            "images (right and wrong) with trust < 0.05, for the methods with a calibrated trust. The misclassified "
+            "images are not part of the pooled AUROC of Table 1.\n\n"
+            + _table(["method", "AUROC", "AURC", "risk @ 95% cov.", "flag %"], rows))
+
+
+def section_composite(r: dict) -> str:
+    """The composite detector vs its ablations vs GGA alone vs the best single baseline per column."""
+    ab = r["tables"].get("ablation")
+    c = r.get("composite")
+    if not ab or not c:
+        return "No composite in this run."
+    cols = ab["columns"]
+    names = {"noise": "Noise", "pgd": "PGD", "rotation": "Rotation", "bb": "B&B", "bb_l2": "B&B L2", "ood": "OOD",
+             "pooled_auroc": "AUROC", "t_sce": "T-SCE", "t_mse": "T-MSE", "csa": "CSA",
+             "misclassification_auroc": "mis. AUROC"}
+    flags = c.get("clean_test_flag_rate_all", {})
+    rows = []
+    for m, vals in ab["rows"].items():
+        flag = flags.get(m, r["methods"][m].get("clean_all_flag_rate_at_alpha_0.05", {}).get("test"))
+        rows.append([f"**{m}**" if m == "composite" else m, *[_pct(vals[k]) for k in cols], _pct(flag)])
+    for key, label in (("best_baseline", "best single baseline"), ("best_single_method", "best single method")):
+        best = ab[key]
+        rows.append([label, *[("–" if best[k] is None else f"{100 * best[k]['value']:.1f} ({best[k]['method']})")
+                              for k in cols], ""])
+    rows.append(["what GGA adds (composite − composite_no_gga, points)", *[_pts(ab["gga_adds"][k]) for k in cols],
+                 ""])
+    comp = ab["rows"].get("composite", {})
+    gap = {k: comp[k] - ab["best_single_method"][k]["value"] for k in cols
+           if comp.get(k) is not None and ab["best_single_method"].get(k)}
+    rows.append(["composite − best single method (points)", *[_pts(gap.get(k)) for k in cols], ""])
+    t = c.get("timing", {})
+    ms = t.get("ms_per_sample", {})
+    desc = r["methods"]["composite"]
+    lines = [
+        f"Composite (`CompositeDetector(model, top_n={c['top_n']}, layers=...)`, the served preset"
+        f"{'' if c.get('matches_served_preset') else ' — WARNING: its config differs from the preset'}): "
+        f"components {', '.join(desc.get('components', []))}; layers {', '.join(c['layers'])}; fit data: "
+        f"{c['fit_data']} ({desc['fit']['n_fit']} fit, {desc['fit']['n_reference']} reference, "
+        f"{desc['fit']['n_calibration']} calibration). Signals were computed once (the `plain` all-class CSM of "
+        "the CSM stage + one forward pass for the layers); the detector's own pass on "
+        f"{c['signals_check']['n']} test images gives the same statistic within "
+        f"{c['signals_check']['max_abs_diff_statistic']:.2g}.",
+        "",
+        f"TNR [%] at 95% TPR per type, pooled AUROC [%] over the Table 1 types, misclassification AUROC [%] and "
+        f"the flag rate [%] on all {c.get('clean_test_images', '?')} clean test images (right and wrong) at "
+        f"alpha 0.05{_caveat(r)}. The ablations refit the composite without one part (same data, same "
+        "calibration); `gga_in_composite` is GGA alone through the composite's calibration; `layers_sum` is the "
+        "multi-layer Mahalanobis sum without OOD tuning (a baseline).",
+        "",
+        _table(["method", *[names.get(k, k) for k in cols], "flag %"], rows),
+        "",
+        f"- clean test flag rate of the composite at alpha 0.05: **{_pct(flags.get('composite'), 2)}%** of all "
+        f"{c.get('clean_test_images', '?')} clean test images (target 5 ± 1%)",
+    ]
+    if ms:
+        lines.append(f"- cost: composite {ms['composite']:.2f} ms / sample vs the `gga` preset at the same N = "
+                     f"{t['top_n']} {ms['gga_preset']:.2f} ms / sample: **ratio "
+                     f"{t['ratio_composite_to_gga_preset']:.3f}** (batch of {t['n_samples']}, {t['threads']} "
+                     f"thread(s), best of {t['repeats_best_of']} interleaved repeats; the composite without GGA "
+                     f"{ms.get('composite_no_gga', float('nan')):.2f} ms / sample)")
+    for k, d in ((k, r["methods"][k]["description"]) for k in ab["rows"] if k in r["methods"]):
+        lines.append(f"- `{k}`: {d}")
+    lines += ["", "Against the targets of the composite's issue (test split, computed once):", "",
+              _targets(r, gap, flags.get("composite"), t)]
+    return "\n".join(lines)
+
+
+def _targets(r: dict, gap: dict, flag, timing: dict) -> str:
+    m = r["methods"]
+    comp, t1, t2 = m["composite"], m["composite"]["table1"], m["composite"]["table2"]
+    pt = comp["per_type"]
+
+    def tnr(k):
+        return _pct((pt.get(k) or {}).get("tnr_at_95_tpr"))
+
+    rows = []
+    if r["dataset"] == "mnist":
+        rows += [["pooled AUROC", _pct(t1.get("auroc")), "≥ 99"],
+                 ["Fashion-MNIST TNR at 95% TPR", tnr("fashion"), "≥ 99"],
+                 ["PGD TNR", _pct(t1.get("pgd")), "≥ 95"]]
+    else:
+        rows += [["pooled AUROC", _pct(t1.get("auroc")), "≥ 98"],
+                 ["PGD / T-SCE / CSA TNR", " / ".join(_pct(x) for x in (t1.get("pgd"), t2.get("t_sce"), t2.get("csa"))),
+                  "≥ 95 / 90 / 90"]]
+    t1_gaps = {k: v for k, v in gap.items() if k in T1_KEYS}
+    if t1_gaps:
+        worst = min(t1_gaps, key=t1_gaps.get)
+        rows.append(["largest gap below the best single method over the Table 1 types",
+                     f"{_pts(t1_gaps[worst])} ({worst})", "no more than 2 points below"])
+    rows.append(["clean test flag rate at alpha 0.05", _pct(flag, 2), "5 ± 1"])
+    mis_c, mis_m = (m["composite"].get("misclassification") or {}), (m["msp"].get("misclassification") or {})
+    rows.append(["misclassification AUROC (composite vs MSP)",
+                 f"{_pct(mis_c.get('auroc'))} vs {_pct(mis_m.get('auroc'))}", "≥ MSP's"])
+    if timing:
+        rows.append(["cost vs the gga preset (same N)", f"{timing['ratio_composite_to_gga_preset']:.3f}×", "≤ 1.1×"])
+    return _table(["target", "composite", "target value"], rows)
+
+
 def section_timing(r: dict) -> str:
     t = r["timing_ms_per_sample"]
     rows = [[k, f"{v:.2f}"] for k, v in t.items() if k not in ("n_samples", "repeats_best_of", "threads", "load_avg")]
     return (f"Wall time per sample [ms], batch of {t['n_samples']} clean test images, best of {t['repeats_best_of']}, "
             f"{t['threads']} torch thread(s), CPU ({r['machine']['cpu']}), on a machine shared with other work "
             f"(load average when timing: {t.get('load_avg')}; treat ratios as indicative):\n\n"
-            + _table(["method", "ms / sample"], rows))
+            + _table(["method", "ms / sample"], rows) + _composite_timing(r))
+
+
+def _composite_timing(r: dict) -> str:
+    t = r.get("composite", {}).get("timing")
+    if not t:
+        return ""
+    rows = [[k, f"{v:.2f}"] for k, v in t["ms_per_sample"].items()]
+    return (f"\n\nComposite vs the `gga` preset at the same N = {t['top_n']} (real `score` of each detector, batch of "
+            f"{t['n_samples']}, {t['threads']} thread(s), best of {t['repeats_best_of']} repeats taken in turns; load "
+            f"average {t.get('load_avg')}): ratio composite / gga preset = "
+            f"**{t['ratio_composite_to_gga_preset']:.3f}**.\n\n" + _table(["detector", "ms / sample"], rows))
 
 
 def section_validation(r: dict) -> str:
@@ -299,6 +443,14 @@ def section_notes(r: dict) -> str:
         "eigenvalues dominate the distance.",
         "The paper's numbers use 10,000 test samples per type and its own trained models; ours use the counts above "
         "(TNR of small sets has a standard error of sqrt(p(1−p)/n), e.g. ±9 points at n = 30).",
+        "Misclassification: the clean test images the model gets wrong (set `misclassified`, derived from the "
+        "clean sources and the model, also for cached splits) against the correctly classified ones; AUROC, AURC "
+        "and risk at 95% coverage with `detectors.metrics` (ties in the score share their errors pro rata).",
+        "Composite: fitted from signals computed once (fit_signals / score_signals); every variant is "
+        "`CompositeDetector(model, top_n=5, layers=..., **overrides)` with the served preset's defaults, on the same "
+        "fit data as GGA. Its truncated Fisher statistic is 0 for inputs whose component p-values all exceed the "
+        "truncation point (tau = 0.1) except the margin's: the variants without the margin (`gga_in_composite`, "
+        "`composite_no_logits`) therefore tie many clean inputs at 0, which costs AUROC but not TNR at 95% TPR.",
         "CSM 'families' (how the gradients are taken): " + "; ".join(
             f"`{k}` = {v}" for k, v in r.get("families", {}).items()) + ". The differentiable rescaling makes "
         "the predicted logit constant (= 10) whenever it holds the max |z|, so ∇z'_k̂ = 0 and the shared term "
@@ -337,7 +489,10 @@ def make_figures(out_dir: Path, ds: str, r: dict) -> list[str]:
     rows_ = (len(types) + cols - 1) // cols
     fig, axes = plt.subplots(rows_, cols, figsize=(3.2 * cols, 3.0 * rows_), squeeze=False)
     for ax, t in zip(axes.flat, types, strict=False):
-        for m, style in (("gga", "-"), ("gga_selected", "-."), ("msp", "--"), ("neg_s1_mean", ":")):
+        for m, style in (("gga", "-"), ("gga_selected", "-."), ("msp", "--"), ("neg_s1_mean", ":"),
+                         ("composite", "-")):
+            if f"score|{m}|test|clean" not in arr:
+                continue
             s_in, s_out = arr[f"score|{m}|test|clean"], arr[f"score|{m}|test|{t}"]
             fpr, tpr = _roc(s_in.astype(np.float64), s_out.astype(np.float64))
             ax.plot(fpr, tpr, style, label=m)
@@ -349,7 +504,7 @@ def make_figures(out_dir: Path, ds: str, r: dict) -> list[str]:
     for ax in list(axes.flat)[len(types):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7, loc="lower right")
-    fig.suptitle(f"{TITLES[ds]}: ROC per type, GGA (paper config / validation-selected) vs MSP and -mean(S1)"
+    fig.suptitle(f"{TITLES[ds]}: ROC per type, GGA (paper config / validation-selected), MSP, -mean(S1), composite"
                  + (" [JPEG-q75 test copy]" if ds == "cifar10" else ""), fontsize=10)
     fig.tight_layout()
     name = f"{ds}_roc.png"
@@ -423,6 +578,8 @@ def render(out_dir: Path, figures: bool = True, discussion: str | None = None) -
                   "### All types (AUROC)", "", section_per_type(r), "",
                   "### Table 2 (adaptive attacks)", "", section_table2(r), "",
                   "### Table 3 (top-N)", "", section_table3(r), "",
+                  "### Composite detector and ablations", "", section_composite(r), "",
+                  "### Misclassification (wrong vs right, clean test)", "", section_misclassification(r), "",
                   "### Timing", "", section_timing(r), "",
                   "### Attacks", "", section_attacks(r), "",
                   "### Investigation on the validation split", "", section_validation(r), "",
