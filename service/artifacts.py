@@ -10,10 +10,12 @@ used when it matches the model.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
 import shutil
+import time
 import uuid
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from detectors.persist import load_detector
 log = logging.getLogger("service.artifacts")
 _VERSION_RE = re.compile(r"^v(\d{4,})$")
 BUNDLED_VERSION = "v0"
+STALE_TMP_S = 600.0
 
 
 class ArtifactStore:
@@ -41,8 +44,28 @@ class ArtifactStore:
                 found.append((int(m.group(1)), p))
         return sorted(found)
 
+    def remove_stale_tmp(self, now: float | None = None) -> list[Path]:
+        """Remove ``.tmp-*`` folders older than STALE_TMP_S (a writer killed mid-save leaves one behind).
+
+        Younger ones may belong to another replica saving right now and are kept."""
+        if not self.dir.is_dir():
+            return []
+        now = time.time() if now is None else now
+        removed = []
+        for p in self.dir.iterdir():
+            if p.name.startswith(".tmp-") and now - p.stat().st_mtime > STALE_TMP_S:
+                shutil.rmtree(p, ignore_errors=True)
+                log.warning("removed the leftover of an interrupted save: %s", p)
+                removed.append(p)
+        return removed
+
     def load_newest(self, model: torch.nn.Module):
-        """The newest version that loads for ``model`` (skipping broken ones), or None."""
+        """The newest version that loads for ``model`` (skipping broken ones), or None.
+
+        Loading validates every tensor (shapes against the configuration, finiteness, a
+        calibration set large enough to flag) and the model fingerprint; a version that
+        fails is skipped with a log line and the next older one is tried."""
+        self.remove_stale_tmp()
         for number, path in reversed(self.versions()):
             try:
                 return load_detector(path, model), f"v{number}"
@@ -53,13 +76,21 @@ class ArtifactStore:
     def save_new(self, detector) -> tuple[str, Path]:
         """Persist ``detector`` as the next version; returns (version, path)."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        existing = self.versions()
-        number = (existing[-1][0] + 1) if existing else 1
         tmp = self.dir / f".tmp-{uuid.uuid4().hex}"
         try:
             detector.save(tmp)
-            final = self.dir / f"v{number:04d}"
-            os.rename(tmp, final)
+            for _ in range(100):  # another writer (a replica, an offline fit) may take a number first
+                existing = self.versions()
+                number = (existing[-1][0] + 1) if existing else 1
+                final = self.dir / f"v{number:04d}"
+                try:
+                    os.rename(tmp, final)  # atomic; fails if that version exists (non-empty folder)
+                    break
+                except OSError as exc:
+                    if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                        raise
+            else:
+                raise RuntimeError(f"could not find a free version number in {self.dir}")
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
