@@ -127,6 +127,8 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
                 on_batch=worker.on_batch,
             )
             metrics.queue_rows.set_function(lambda: batcher.queued_rows)  # read at each scrape
+            metrics.alpha.set_function(  # the served alpha (GGA_ALPHA, else the detector's), read at each scrape
+                lambda: worker.alpha if worker.alpha is not None else getattr(slot.get()[0], "alpha", float("nan")))
             fits = FitJobManager(model, device, store, slot, metrics, num_classes=len(card.class_names),
                                  feature_layers=card.feature_layers, batch_size=settings.fit_batch_size,
                                  on_swap=metrics.set_detector_version)

@@ -34,6 +34,7 @@ class ServiceMetrics:
         self.flagged = Counter("gga_flagged", "rows flagged as untrustworthy (trust < alpha)", registry=registry)
         self.trust = Histogram("gga_trust", "trust (conformal p-value) of scored rows", buckets=TRUST_BUCKETS,
                                registry=registry)
+        self.alpha = Gauge("gga_alpha", "the served alpha: rows are flagged when trust < alpha", registry=registry)
         self.detector_info = Gauge("gga_detector_info", "the detector version being served (value 1)",
                                    ["version"], registry=registry)
         self.fit_jobs = Counter("gga_fit_jobs", "fit jobs by final state", ["state"], registry=registry)

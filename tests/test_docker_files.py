@@ -23,7 +23,9 @@ DASHBOARD = DOCKER / "grafana" / "dashboards" / "gga.json"
 DATASOURCES = DOCKER / "grafana" / "provisioning" / "datasources" / "prometheus.yaml"
 PROVIDERS = DOCKER / "grafana" / "provisioning" / "dashboards" / "dashboards.yaml"
 K8S = DOCKER / "k8s" / "deployment.yaml"
+RULES_DIR = DOCKER / "prometheus" / "rules"  # the drift alarm's rules (tests/test_alerts.py)
 METRIC_TOKEN = re.compile(r"gga_[a-z_]+")
+RECORDED_TOKEN = re.compile(r"gga:[a-z0-9_:]+")
 
 
 # --- helpers -----------------------------------------------------------------------------
@@ -93,6 +95,12 @@ def _exposed_sample_names() -> set[str]:
         collected.update(sample.name for sample in family.samples)
     assert collected and collected <= names, f"samples {collected - names} not derived from the family types"
     return names
+
+
+def _recorded_names() -> set[str]:
+    """Names the compose Prometheus records from its rule files."""
+    return {rule["record"] for path in RULES_DIR.glob("*.yml")
+            for group in yaml.safe_load(path.read_text())["groups"] for rule in group["rules"] if "record" in rule}
 
 
 def _dashboard_exprs() -> list[tuple[str, str]]:
@@ -173,13 +181,16 @@ def test_dashboard_panels_use_the_provisioned_datasource():
 
 def test_every_metric_the_dashboard_queries_is_exposed_by_the_service():
     exposed = _exposed_sample_names()
+    recorded = _recorded_names()
     exprs = _dashboard_exprs()
     assert exprs
     for title, expr in exprs:
-        tokens = METRIC_TOKEN.findall(expr)
-        assert tokens, f"panel {title!r} queries no gga_ metric: {expr}"
+        tokens, rules = METRIC_TOKEN.findall(expr), RECORDED_TOKEN.findall(expr)
+        assert tokens or rules, f"panel {title!r} queries no gga_ metric or gga: recording rule: {expr}"
         unknown = sorted(set(tokens) - exposed)
         assert not unknown, f"panel {title!r} queries {unknown}, which the service does not expose"
+        unrecorded = sorted(set(rules) - recorded)
+        assert not unrecorded, f"panel {title!r} queries {unrecorded}, which no rule in {RULES_DIR} records"
 
 
 @pytest.mark.parametrize("needle", [
@@ -193,6 +204,9 @@ def test_every_metric_the_dashboard_queries_is_exposed_by_the_service():
     "sum by (route, status) (rate(gga_requests_total[",
     "sum by (stage) (rate(gga_compute_seconds_sum[",
     "gga_detector_info",
+    "gga:flag_rate:ratio15m",
+    "gga:flag_rate:bound15m",
+    "gga:alpha",
 ])
 def test_dashboard_has_the_required_queries(needle):
     assert any(needle in expr for _, expr in _dashboard_exprs()), f"no panel queries {needle!r}"
