@@ -55,6 +55,7 @@ from typing import Self
 import torch
 from safetensors.torch import load_file
 
+from detectors.autotune import strategy_for
 from detectors.calibration import ConformalCalibration
 from detectors.csm import STRATEGIES, check_logits, cosine_similarity_maps
 from detectors.energy import energy_score
@@ -240,7 +241,8 @@ class CompositeDetector:
         with tap if tap is not None else _null():
             if c.use_gga:
                 top_n = None if c.top_n is None else c.top_n
-                res = cosine_similarity_maps(self.model, x, top_n, strategy=self.strategy, timings=timings)
+                res = cosine_similarity_maps(self.model, x, top_n, strategy=strategy_for(self.strategy, len(x)),
+                                             timings=timings)
                 logits, classes = res.logits, res.classes
                 feats = csm_features(res.csm).double().cpu()
                 csm = res.csm.cpu() if return_csm else None

@@ -20,6 +20,7 @@ from typing import Self
 import torch
 from safetensors.torch import load_file
 
+from detectors.autotune import strategy_for
 from detectors.calibration import conformal_p_values, conformal_threshold, min_calibration_size
 from detectors.csm import CHANNEL_REDUCTIONS, STRATEGIES, cosine_similarity_maps
 from detectors.features import feature_names, gga_features
@@ -150,7 +151,7 @@ class GGADetector:
         c = self.config
         return cosine_similarity_maps(self.model, x.to(device_of(self.model)), c.top_n,
                                       channel_reduce=c.channel_reduce, rescale_logits=c.rescale_logits,
-                                      strategy=self.strategy, timings=timings)
+                                      strategy=strategy_for(self.strategy, len(x)), timings=timings)
 
     def features(self, x: torch.Tensor, batch_size: int = 256,
                  progress: Callable[[int, int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:

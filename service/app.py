@@ -16,6 +16,8 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from detectors.autotune import PROCESS_CACHE, StrategyCache, StrategyTable
+from detectors.csm import resolve_strategy
 from detectors.fingerprint import model_fingerprint
 from detectors.persist import load_detector
 from service.artifacts import BUNDLED_VERSION, ArtifactStore
@@ -29,6 +31,8 @@ from service.settings import DEFAULT_MODEL_DIR, Settings
 from service.worker import DetectorSlot, PredictWorker
 
 log = logging.getLogger("service")
+
+STRATEGY_BUDGET_S = 5.0  # the whole startup measurement (GGA_STRATEGY=auto), all batch sizes together
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -50,6 +54,79 @@ def _initial_detector(model: torch.nn.Module, store: ArtifactStore):
         except ValueError as exc:  # fitted for another model: serve without a detector until /fit
             log.info("bundled detector not used: %s", exc)
     return None, None
+
+
+def strategy_batch_sizes(max_batch_rows: int) -> tuple[int, ...]:
+    """Where GGA_STRATEGY=auto measures: 1, 8 (when below the maximum) and GGA_MAX_BATCH_ROWS."""
+    return tuple(sorted({1, min(8, max_batch_rows), max_batch_rows}))
+
+
+class ServedStrategy:
+    """GGA_STRATEGY, applied to every detector the service serves (``apply``) and shown in ``/info``.
+
+    ``auto``: each of loop / vmap / replicate timed on the served model at
+    :func:`strategy_batch_sizes` with the detector's top-N (``detectors.autotune``), within
+    ``budget_s`` (default ``STRATEGY_BUDGET_S``); the table is kept for the process
+    (``StrategyCache``), so a detector swapped in with the same top-N reuses it and one with
+    another top-N is measured once, in the fit job's thread, before it is swapped in. An
+    empty measurement falls back to the device rule.
+    ``device``: loop on CPU, vmap on accelerators. ``loop`` / ``vmap`` / ``replicate``: fixed.
+    """
+
+    def __init__(self, mode: str, model: torch.nn.Module, fingerprint: str, input_shape: tuple[int, ...],
+                 num_classes: int, device: torch.device, max_batch_rows: int, *,
+                 cache: StrategyCache = PROCESS_CACHE, budget_s: float | None = None) -> None:
+        self.mode, self.model, self.fingerprint, self.input_shape = mode, model, fingerprint, tuple(input_shape)
+        self.num_classes, self.device, self.cache = num_classes, device, cache
+        self.budget_s = STRATEGY_BUDGET_S if budget_s is None else budget_s
+        self.batch_sizes = strategy_batch_sizes(max_batch_rows)
+
+    def apply(self, detector) -> None:
+        """Set ``detector.strategy`` (a name, or a measured table) and log it in one line."""
+        if detector is None:
+            return
+        if self.mode != "auto":
+            detector.strategy = "auto" if self.mode == "device" else self.mode
+            log.info("GGA strategy %s (%s)", resolve_strategy(detector.strategy, self.device),
+                     "device rule" if self.mode == "device" else "fixed")
+            return
+        top_n = getattr(detector.config, "top_n", None)
+        n = min(top_n, self.num_classes) if top_n is not None else self.num_classes
+        table, fresh = self.cache.get(self.model, self.fingerprint, self.input_shape, n, self.device,
+                                      self.batch_sizes, budget_s=self.budget_s)
+        if not table.best:
+            detector.strategy = "auto"
+            log.warning("GGA strategy auto: nothing could be measured for top-%d (%s); using the device rule (%s)",
+                        n, table.summary(), resolve_strategy("auto", self.device))
+            return
+        detector.strategy = table
+        how = f"measured in {table.seconds:.1f} s" if fresh else "cached"
+        log.info("GGA strategy auto for top-%d on %s, %d torch threads, %s: %s", n, self.device,
+                 torch.get_num_threads(), how, table.summary())
+
+    def info(self, detector) -> dict:
+        """``{"mode", "table", "timings_ms", ...}`` for ``/info``; table and timings None without a measurement."""
+        current = getattr(detector, "strategy", None)
+        if isinstance(current, StrategyTable):
+            return {"mode": self.mode, **current.to_dict()}
+        resolved = resolve_strategy(current, self.device) if isinstance(current, str) else None
+        return {"mode": self.mode, "strategy": resolved, "table": None, "timings_ms": None}
+
+
+class StrategySlot(DetectorSlot):
+    """The detector slot, giving every detector swapped in (by fit jobs) the served strategy first."""
+
+    def __init__(self, detector, version: str | None, strategy: ServedStrategy) -> None:
+        super().__init__(detector, version)
+        self.strategy = strategy
+
+    def swap(self, detector, version: str) -> None:
+        try:
+            self.strategy.apply(detector)
+        except Exception:  # noqa: BLE001 - the version is already saved: serve it with the device rule
+            log.exception("GGA strategy for detector %s: measurement failed, using the device rule", version)
+            detector.strategy = "auto"
+        super().swap(detector, version)
 
 
 class RequestMetrics:
@@ -115,7 +192,10 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
             store = ArtifactStore(settings.artifact_dir, fingerprint)
             detector, version = _initial_detector(model, store)
             metrics = ServiceMetrics(registry)
-            slot = DetectorSlot(detector, version)
+            strategy = ServedStrategy(settings.strategy, model, fingerprint, card.input_shape, len(card.class_names),
+                                      device, settings.max_batch_rows)
+            strategy.apply(detector)  # GGA_STRATEGY=auto: measured here, before the warm-up below
+            slot = StrategySlot(detector, version, strategy)
             if version is not None:
                 metrics.set_detector_version(version)
             worker = PredictWorker(slot, card, metrics, device, settings.alpha)
@@ -135,6 +215,7 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
             app.state.__dict__.update(
                 settings=settings, registry=registry, metrics=metrics, model=model, card=card, device=device,
                 fingerprint=fingerprint, store=store, slot=slot, worker=worker, batcher=batcher, fits=fits,
+                strategy=strategy,
             )
             if detector is not None:  # warm-up: the first request should not pay for lazy init
                 detector.score(torch.zeros((1, *card.input_shape), device=device))

@@ -274,6 +274,7 @@ async def info(request: Request) -> Response:
         "batching": {"max_batch_rows": s.max_batch_rows, "max_delay_ms": s.max_delay_ms,
                      "max_queue_rows": s.max_queue_rows, "request_timeout_s": s.request_timeout_s,
                      "max_request_bytes": s.max_request_bytes},
+        "strategy": st.strategy.info(detector),
         "model_card": st.card.extra,
     })
 

@@ -47,6 +47,11 @@ class Settings(BaseSettings):
         None, gt=0, lt=1, description="flag when trust < alpha (None: the detector's own alpha, 0.05)"
     )
     max_batch_rows: int = Field(64, ge=1, description="rows per compute batch")
+    strategy: Literal["auto", "device", "loop", "vmap", "replicate"] = Field(
+        "auto", description="how the per-class gradients are computed: auto (each of loop, vmap and replicate "
+        "timed at startup at batch sizes 1, 8 and max_batch_rows, the fastest per batch size kept for the "
+        "process), device (loop on CPU, vmap on accelerators, no measurement) or one fixed strategy"
+    )
     max_delay_ms: float = Field(
         0.0, ge=0, description="batching delay, counted from the oldest queued request's arrival (0: a batch goes "
         "as soon as the worker is free, holding what queued while it computed; > 0 trades latency for fuller batches)"
