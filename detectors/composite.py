@@ -55,7 +55,7 @@ from typing import Self
 import torch
 from safetensors.torch import load_file
 
-from detectors.autotune import strategy_for
+from detectors.autotune import StrategyTable, strategy_for
 from detectors.calibration import ConformalCalibration
 from detectors.csm import STRATEGIES, check_logits, cosine_similarity_maps
 from detectors.energy import energy_score
@@ -180,7 +180,7 @@ class CompositeDetector:
                  calibration_fraction: float = 0.2, two_sided: tuple[str, ...] = ("energy",),
                  layer_weight: str = "each", margin_weight: float = 1.0, truncation: float = 0.1,
                  strategy: str = "auto") -> None:
-        if strategy not in STRATEGIES:
+        if not isinstance(strategy, StrategyTable) and strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         self.model = model
         self.config = CompositeConfig(top_n, alpha, combine, use_gga, use_logits, use_layers,

@@ -20,7 +20,7 @@ from typing import Self
 import torch
 from safetensors.torch import load_file
 
-from detectors.autotune import strategy_for
+from detectors.autotune import StrategyTable, strategy_for
 from detectors.calibration import conformal_p_values, conformal_threshold, min_calibration_size
 from detectors.csm import CHANNEL_REDUCTIONS, STRATEGIES, cosine_similarity_maps
 from detectors.features import feature_names, gga_features
@@ -119,7 +119,7 @@ class GGADetector:
                  channel_reduce: str | None = None, rescale_logits: bool = False,
                  include_softmax: bool = False, calibration_fraction: float = 0.3,
                  standardize: bool = True, floor_count: float = 0.01, strategy: str = "auto") -> None:
-        if strategy not in STRATEGIES:
+        if not isinstance(strategy, StrategyTable) and strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         self.model = model
         self.config = GGAConfig(top_n, alpha, n_bins, n_projections, seed, channel_reduce,

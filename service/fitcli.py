@@ -34,17 +34,16 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-import numpy as np
 import torch
 from pydantic import ValidationError
 
 from detectors.fingerprint import model_fingerprint
-from detectors.presets import PRESETS, build_detector, describe
+from detectors.presets import PRESETS, build_detector
 from service.app import resolve_device
 from service.artifacts import ArtifactStore
 from service.errors import ApiError
 from service.fitdata import check_pair, load_npz, read_npz
-from service.fitjobs import FitOptions
+from service.fitjobs import FitOptions, fit_result
 from service.models import ModelLoadError, load_model
 from service.settings import Settings
 
@@ -220,14 +219,8 @@ def run(args: argparse.Namespace) -> dict:
         version, path = store.save_new(det)  # temporary name, fsync, rename: never a half-written version
     except Exception as exc:  # noqa: BLE001
         raise FitFailed(f"cannot write into {store.dir}: {type(exc).__name__}: {exc}") from exc
-    st = det.fit_stats
-    return {
-        "version": version, "path": os.path.abspath(path), "model": card.name, "fingerprint": fingerprint,
-        "n_samples": st.n_samples, "n_correct": st.n_correct, "n_fit": st.n_fit, "n_calibration": st.n_calibration,
-        "model_accuracy": st.model_accuracy, "threshold": st.threshold if np.isfinite(st.threshold) else None,
-        "seconds": st.seconds, "wall_seconds": round(time.perf_counter() - t0, 3),
-        **describe(det), "config": det.metadata()["config"],
-    }
+    return {**fit_result(det, version, os.path.abspath(path)), "model": card.name, "fingerprint": fingerprint,
+            "wall_seconds": round(time.perf_counter() - t0, 3)}
 
 
 def _build(options: FitOptions, model: torch.nn.Module, card):

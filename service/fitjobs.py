@@ -34,6 +34,17 @@ class FitBusyError(RuntimeError):
     """A fit job is already running."""
 
 
+def fit_result(det, version: str, path) -> dict[str, Any]:
+    """What a finished fit reports (``GET /fit/{id}`` and ``gga-fit``): version, counts, kind, preset, config."""
+    st = det.fit_stats
+    return {
+        "version": version, "path": str(path), "n_samples": st.n_samples, "n_correct": st.n_correct,
+        "n_fit": st.n_fit, "n_calibration": st.n_calibration, "model_accuracy": st.model_accuracy,
+        "threshold": st.threshold if np.isfinite(st.threshold) else None, "seconds": st.seconds,
+        **describe(det), "config": det.metadata()["config"],
+    }
+
+
 @dataclass(frozen=True)
 class FitOptions:
     """What a fit builds: the preset, the CSM's top-N (None: the preset's choice) and alpha.
@@ -141,13 +152,7 @@ class FitJobManager:
             self.slot.swap(det, version)
             if self.on_swap is not None:
                 self.on_swap(version)
-            st = det.fit_stats
-            job.result = {
-                "version": version, "path": str(path), "n_samples": st.n_samples, "n_correct": st.n_correct,
-                "n_fit": st.n_fit, "n_calibration": st.n_calibration, "model_accuracy": st.model_accuracy,
-                "threshold": st.threshold if np.isfinite(st.threshold) else None, "seconds": st.seconds,
-                **describe(det), "config": det.metadata()["config"],
-            }
+            job.result = fit_result(det, version, path)
             job.phase, job.state = "done", "succeeded"
             self.metrics.fit_jobs.labels(state="succeeded").inc()
         except Exception as exc:  # noqa: BLE001 - the job reports any failure; nothing is swapped

@@ -210,17 +210,20 @@ FIT_OPTION_FIELDS = ("preset", "top_n", "alpha")
 
 def _fit_options(st, given: dict, *, from_form: bool) -> FitOptions:
     """The fit's options: what the request names, else the service's settings (GGA_DETECTOR, GGA_TOP_N,
-    GGA_ALPHA). Form fields arrive as text: top_n as an integer or "all", alpha as a number."""
+    GGA_ALPHA). Form fields arrive as text: top_n as an integer or "all" (every class of the model), alpha
+    as a number; JSON top_n null means the preset's choice."""
     s = st.settings
     opts = {"preset": s.detector, "top_n": s.top_n, "alpha": s.alpha if s.alpha is not None else 0.05}
     for key, value in given.items():
         if from_form and isinstance(value, str):
             text = value.strip()
             try:
-                value = (None if text.lower() in ("all", "null", "") else int(text)) if key == "top_n" else \
+                value = ("all" if text.lower() == "all" else int(text)) if key == "top_n" else \
                     float(text) if key == "alpha" else text
             except ValueError as exc:
                 raise ApiError(422, "invalid_option", f"{key} must be a number, got {value!r}") from exc
+        if key == "top_n" and value == "all":
+            value = len(st.card.class_names)
         opts[key] = value
     try:
         return FitOptions(**opts)

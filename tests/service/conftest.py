@@ -35,7 +35,11 @@ def reference():
 
 
 def make_settings(tmp_path: Path, **kw) -> Settings:
+    """Settings for an in-process app; the strategy follows the device rule unless a test asks for
+    the startup measurement (GGA_STRATEGY=auto, tested in test_strategy.py), which would add seconds
+    to every app start here."""
     kw.setdefault("artifact_dir", tmp_path / "artifacts")
+    kw.setdefault("strategy", "device")
     return Settings(_env_file=None, **kw)
 
 

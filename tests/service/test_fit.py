@@ -168,6 +168,11 @@ def test_fit_from_data_dir_path(tmp_path):
                    for opt in ({"preset": "best"}, {"top_n": 2}, {"top_n": 11}, {"alpha": 1.5}, {"alpha": "x"})]
             r = await svc.client.post("/fit", json={"path": "small.npz", "alpha": 0.1}, headers=AUTH)
             composite = await _wait(svc, r.json()["id"])
+            r = await svc.client.post("/fit", files={"file": ("s.npz", (tmp_path / "data" / "small.npz").read_bytes())},
+                                      data={"preset": "paper", "top_n": "all"}, headers=AUTH)
+            assert r.status_code == 202, r.text
+            paper = await _wait(svc, r.json()["id"])
+            assert paper["state"] == "succeeded" and paper["result"]["config"]["top_n"] == 10
             return job, preds.json(), bad, composite
 
     job, preds, bad, composite = run(go())
