@@ -163,7 +163,7 @@ def _require_admin(request: Request) -> None:
 
 
 @router.post("/fit", status_code=202, response_model=FitAccepted, openapi_extra=_FIT_BODY,
-             responses={code: {"model": ErrorResponse} for code in (400, 401, 403, 409, 413, 415, 422)},
+             responses={code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 413, 415, 422)},
              summary="Calibrate a new detector version from labelled in-distribution data")
 async def fit(request: Request) -> Response:
     """Starts a fit job (admin token required) on an uploaded .npz (multipart field
@@ -251,7 +251,8 @@ def _data_path(data_dir: Path | None, rel: str) -> Path:
     return path
 
 
-@router.get("/fit/{job_id}", response_model=FitJobView, responses={404: {"model": ErrorResponse}},
+@router.get("/fit/{job_id}", response_model=FitJobView,
+            responses={code: {"model": ErrorResponse} for code in (401, 403, 404)},
             summary="State, progress and result of a fit job")
 async def fit_status(job_id: str, request: Request) -> Response:
     _require_admin(request)
