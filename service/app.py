@@ -26,6 +26,7 @@ from service.errors import install_error_handlers, internal_error
 from service.fitjobs import FitJobManager
 from service.metrics import ServiceMetrics
 from service.models import load_model
+from service.reload import ReloadWatcher, SwapGate
 from service.routes import router
 from service.settings import DEFAULT_MODEL_DIR, Settings
 from service.worker import DetectorSlot, PredictWorker
@@ -182,7 +183,7 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        batcher = fits = None
+        batcher = fits = watcher = None
         try:
             if settings.torch_threads:
                 torch.set_num_threads(settings.torch_threads)
@@ -209,22 +210,26 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
             metrics.queue_rows.set_function(lambda: batcher.queued_rows)  # read at each scrape
             metrics.alpha.set_function(  # the served alpha (GGA_ALPHA, else the detector's), read at each scrape
                 lambda: worker.alpha if worker.alpha is not None else getattr(slot.get()[0], "alpha", float("nan")))
-            fits = FitJobManager(model, device, store, slot, metrics, num_classes=len(card.class_names),
-                                 feature_layers=card.feature_layers, batch_size=settings.fit_batch_size,
-                                 on_swap=metrics.set_detector_version)
+            gate = SwapGate(slot, on_swap=metrics.set_detector_version)  # fit jobs and reloads: newest wins
+            fits = FitJobManager(model, device, store, gate, metrics, num_classes=len(card.class_names),
+                                 feature_layers=card.feature_layers, batch_size=settings.fit_batch_size)
+            watcher = ReloadWatcher(store, model, gate, interval_s=settings.reload_interval_s)
             app.state.__dict__.update(
                 settings=settings, registry=registry, metrics=metrics, model=model, card=card, device=device,
                 fingerprint=fingerprint, store=store, slot=slot, worker=worker, batcher=batcher, fits=fits,
-                strategy=strategy,
+                strategy=strategy, watcher=watcher,
             )
             if detector is not None:  # warm-up: the first request should not pay for lazy init
                 detector.score(torch.zeros((1, *card.input_shape), device=device))
             batcher.start()
+            watcher.start()
             app.state.ready = True
             log.info("serving %s on %s, detector %s", card.name, device, version)
             yield
         finally:
             app.state.ready = False
+            if watcher is not None:
+                await watcher.astop()
             if batcher is not None:
                 await batcher.astop()
             if fits is not None:

@@ -35,6 +35,10 @@ class Settings(BaseSettings):
         "weights, or the built-in card of the architecture"
     )
     artifact_dir: Path = Field(Path("artifacts"), description="where fitted detector versions are written")
+    reload_interval_s: float = Field(
+        5.0, ge=0, description="how often the artifact store is checked for a newer detector version (written by "
+        "another replica or by gga-fit), which is then validated and swapped in; 0: never"
+    )
     data_dir: Path | None = Field(None, description="server-side folder that POST /fit may read .npz files from")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     detector: Literal["paper", "gga", "composite"] = Field(
