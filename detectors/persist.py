@@ -32,6 +32,7 @@ def write_detector(directory: str | Path, tensors: dict[str, torch.Tensor], meta
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / TENSORS_FILE))
     (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     for name in (TENSORS_FILE, META_FILE):
+        os.chmod(directory / name, 0o644)  # readable by every replica and by a non-root image user
         fd = os.open(directory / name, os.O_RDONLY)
         try:
             os.fsync(fd)
