@@ -22,6 +22,7 @@ from detectors.fingerprint import model_fingerprint
 from detectors.persist import load_detector
 from service.artifacts import BUNDLED_VERSION, ArtifactStore
 from service.batcher import DynamicBatcher
+from service.docs import install_docs
 from service.errors import install_error_handlers, internal_error
 from service.fitjobs import FitJobManager
 from service.metrics import ServiceMetrics
@@ -191,6 +192,7 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
             model, card = load_model(settings, device)
             fingerprint = model_fingerprint(model)
             store = ArtifactStore(settings.artifact_dir, fingerprint)
+            log.info("artifact directory %s", settings.artifact_dir)  # absolute (Settings resolves it)
             detector, version = _initial_detector(model, store)
             metrics = ServiceMetrics(registry)
             strategy = ServedStrategy(settings.strategy, model, fingerprint, card.input_shape, len(card.class_names),
@@ -241,10 +243,13 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
         description="Serves a PyTorch classifier and flags untrustworthy predictions (out-of-distribution "
         "inputs, adversarial examples) with Geometric Gradient Analysis (Schwinn et al., UAI 2021).",
         lifespan=lifespan,
+        docs_url=None,  # /docs and /redoc: install_docs below, assets served locally (no CDN)
+        redoc_url=None,
     )
     app.state.ready = False
     install_error_handlers(app)
     app.include_router(router)
+    install_docs(app)
 
     app.add_middleware(RequestMetrics)
 

@@ -273,6 +273,7 @@ async def info(request: Request) -> Response:
         "class_names": st.card.class_names,
         "device": str(st.device),
         "detector_version": version,
+        "artifact_dir": str(s.artifact_dir),
         "detector": _detector_info(detector),
         "alpha": s.alpha if s.alpha is not None else (detector.alpha if detector else None),
         "batching": {"max_batch_rows": s.max_batch_rows, "max_delay_ms": s.max_delay_ms,

@@ -91,6 +91,7 @@ class Info(BaseModel):
     class_names: list[str]
     device: str
     detector_version: str | None
+    artifact_dir: str = Field(description="the artifact store (GGA_ARTIFACT_DIR), absolute")
     detector: dict[str, Any] | None
     alpha: float | None
     batching: dict[str, Any]

@@ -34,7 +34,11 @@ class Settings(BaseSettings):
         None, description="model card JSON (input_shape, class_names); default: model_card.json beside the "
         "weights, or the built-in card of the architecture"
     )
-    artifact_dir: Path = Field(Path("artifacts"), description="where fitted detector versions are written")
+    artifact_dir: Path = Field(
+        Path("artifacts"), validate_default=True, description="where fitted detector versions are written; a "
+        "relative path is resolved against the working directory when the settings are built (shown absolute in "
+        "/info and the startup log)"
+    )
     reload_interval_s: float = Field(
         5.0, ge=0, description="how often the artifact store is checked for a newer detector version (written by "
         "another replica or by gga-fit), which is then validated and swapped in; 0: never"
@@ -80,6 +84,12 @@ class Settings(BaseSettings):
         if not v.strip():
             raise ValueError("model must not be empty")
         return v.strip()
+
+    @field_validator("artifact_dir")
+    @classmethod
+    def _artifact_dir(cls, v: Path) -> Path:
+        """Absolute, once: a server started from another folder must not silently look elsewhere."""
+        return v.expanduser().resolve()
 
     @field_validator("admin_token", mode="before")
     @classmethod
