@@ -229,29 +229,21 @@ class LocalScorer:
 
     def __init__(self, args: argparse.Namespace) -> None:
         import torch
-        from pydantic import ValidationError
 
         from detectors.persist import load_detector, read_meta
         from detectors.presets import describe
-        from service.app import resolve_device
         from service.artifacts import BUNDLED_VERSION
-        from service.models import ModelLoadError, load_model
-        from service.settings import DEFAULT_MODEL_DIR, Settings
+        from service.fitcli import UsageError as FitUsageError
+        from service.fitcli import load_served_model
+        from service.settings import DEFAULT_MODEL_DIR
 
         self._torch = torch
         overrides = {k: v for k, v in (("model", args.model), ("model_weights", args.model_weights),
                                        ("model_card", args.model_card), ("device", args.device)) if v is not None}
         try:
-            settings = Settings(**overrides)
-        except ValidationError as exc:
-            raise UsageError(f"invalid settings (GGA_* environment or flags):\n{exc}") from exc
-        if settings.torch_threads:
-            torch.set_num_threads(settings.torch_threads)
-        try:
-            self.device = resolve_device(settings.device)
-            self.model, self.card = load_model(settings, self.device)
-        except (ModelLoadError, RuntimeError) as exc:
-            raise UsageError(f"cannot load the model ({settings.model}): {exc}") from exc
+            settings, self.device, self.model, self.card = load_served_model(overrides)
+        except FitUsageError as exc:
+            raise UsageError(str(exc)) from exc
         directory = args.detector
         if not directory.is_dir():
             raise UsageError(f"--detector {directory}: no such folder")

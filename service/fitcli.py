@@ -173,10 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     return EXIT_OK
 
 
-def run(args: argparse.Namespace) -> dict:
-    """Everything after argument parsing; raises :class:`UsageError` or :class:`FitFailed`."""
-    overrides = {k: v for k, v in (("artifact_dir", args.artifact_dir), ("device", args.device),
-                                   ("fit_batch_size", args.batch_size)) if v is not None}
+def load_served_model(overrides: dict):
+    """The settings (GGA_* environment plus ``overrides``) and the model as the server loads it:
+    (settings, device, model, card); :class:`UsageError` when either is wrong. Shared by the
+    offline commands (gga-fit, gga-eval)."""
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
@@ -188,6 +188,14 @@ def run(args: argparse.Namespace) -> dict:
         model, card = load_model(settings, device)
     except (ModelLoadError, RuntimeError) as exc:
         raise UsageError(f"cannot load the model ({settings.model}): {exc}") from exc
+    return settings, device, model, card
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Everything after argument parsing; raises :class:`UsageError` or :class:`FitFailed`."""
+    overrides = {k: v for k, v in (("artifact_dir", args.artifact_dir), ("device", args.device),
+                                   ("fit_batch_size", args.batch_size)) if v is not None}
+    settings, device, model, card = load_served_model(overrides)
     n_classes = len(card.class_names)
 
     top_n = settings.top_n if args.top_n is None else (n_classes if args.top_n == "all" else args.top_n)
