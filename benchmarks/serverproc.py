@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -40,3 +41,14 @@ def start_server(env: dict[str, str], timeout: float = 120.0, **popen) -> tuple[
             proc.kill()
             raise RuntimeError(f"the server did not become ready within {timeout} s")
         time.sleep(0.2)
+
+
+def stop_server(proc: subprocess.Popen, timeout: float = 30.0) -> str:
+    """SIGTERM (uvicorn's graceful shutdown), wait, return what the server printed (killed past ``timeout``)."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    return out or ""

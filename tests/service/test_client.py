@@ -7,7 +7,6 @@ import asyncio
 import io
 import json
 import re
-import signal
 import subprocess
 import warnings
 
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from benchmarks.serverproc import ROOT, start_server
+from benchmarks.serverproc import ROOT, start_server, stop_server
 from service.app import create_app
 from service.client import (
     AsyncGGAClient,
@@ -330,12 +329,7 @@ def test_predict_against_a_real_server(tmp_path, mnist_test, reference):
 
         single = asyncio.run(one())
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            out, _ = proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
+        out = stop_server(proc)
     _assert_same_as_json(res, body)
     assert res.labels.tolist() == mnist_test[1][20:23].tolist()
     exp = expected_rows(reference, x)
@@ -359,12 +353,7 @@ def test_readme_client_examples_against_a_real_server(tmp_path, capsys):
                                                                                repr(str(MNIST)))
         exec(compile(code, "README.md#python-client", "exec"), {"__name__": "readme"})
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
+        stop_server(proc)
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("[7 2 1 0] [") and out[0].endswith("[False False False False]"), out
     assert out[1] == "succeeded v1", out

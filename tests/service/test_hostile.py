@@ -21,7 +21,7 @@ import httpx
 import numpy as np
 from fastapi import APIRouter, HTTPException
 
-from benchmarks.serverproc import start_server
+from benchmarks.serverproc import start_server, stop_server
 from service.errors import ApiError
 from service.settings import Settings
 from tests.service.conftest import Running, make_settings, npy_bytes, parse_metrics, run
@@ -363,12 +363,7 @@ def test_fit_limits_bombs_and_hostile_values_are_refused_and_change_nothing(tmp_
 
 
 def _stop(proc: subprocess.Popen) -> str:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        out, _ = proc.communicate(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise
+    out = stop_server(proc)
     assert proc.returncode in (0, -signal.SIGTERM), out
     return out
 

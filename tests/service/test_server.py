@@ -8,7 +8,7 @@ import subprocess
 
 import httpx
 
-from benchmarks.serverproc import start_server
+from benchmarks.serverproc import start_server, stop_server
 from tests.service.conftest import expected_rows, parse_metrics
 
 
@@ -42,12 +42,7 @@ def test_real_server_burst_metrics_and_clean_shutdown(tmp_path, mnist_test, refe
         labels = [p["label"] for r in responses for p in r.json()["predictions"]]
         assert labels == mnist_test[1][100:132].tolist()
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            out, _ = proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
+        out = stop_server(proc)
     # uvicorn shuts down gracefully, then re-raises the captured SIGTERM
     assert proc.returncode in (0, -signal.SIGTERM), out
     assert "Traceback" not in out, out
