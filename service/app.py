@@ -23,7 +23,7 @@ from detectors.persist import load_detector
 from service.artifacts import BUNDLED_VERSION, ArtifactStore
 from service.batcher import DynamicBatcher
 from service.docs import install_docs
-from service.errors import install_error_handlers, internal_error
+from service.errors import envelope, install_error_handlers, internal_error
 from service.fitjobs import FitJobManager
 from service.metrics import ServiceMetrics
 from service.models import load_model
@@ -131,17 +131,26 @@ class StrategySlot(DetectorSlot):
         super().swap(detector, version)
 
 
+UNLIMITED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})  # probes and scrapes are never shed
+
+
 class RequestMetrics:
-    """Counts every HTTP response in ``gga_requests_total{route,status}`` and times it.
+    """Counts every HTTP response in ``gga_requests_total{route,status}`` and times it; sheds excess requests.
 
     A plain ASGI middleware (inside Starlette's server-error layer): it sees the status
     of every response, the 4xx of :class:`ApiError` as well as 500s, and is the one place
     where an unhandled exception becomes an answer: :func:`service.errors.internal_error`
     (500 envelope, traceback logged), counted like any response, the connection kept open.
+
+    It also holds the concurrency limit (``GGA_MAX_CONCURRENT_REQUESTS``): a request
+    beyond it gets a 503 envelope before routing, before its body is read, which costs
+    the event loop next to nothing. Probes and ``/metrics`` are neither counted nor shed.
     """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
+        self.active = 0  # requests in progress, of the limited paths (one event loop: no lock needed)
+        self._paths: frozenset[str] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -156,6 +165,16 @@ class RequestMetrics:
                 status = message["status"]
             await send(message)
 
+        limited = scope.get("path") not in UNLIMITED_PATHS
+        if limited and self._over_limit(scope):
+            try:
+                await envelope(503, "overloaded", f"too many requests in progress ({self.active}); retry later",
+                               {"Retry-After": "1"})(scope, receive, send_seen)
+            finally:
+                self._count(scope, status or 503, time.perf_counter() - t0, self._route_of(scope))
+            return
+        if limited:
+            self.active += 1
         try:
             try:
                 await self.app(scope, receive, send_seen)
@@ -164,16 +183,31 @@ class RequestMetrics:
                     raise
                 await internal_error(scope, exc)(scope, receive, send_seen)
         finally:
+            if limited:
+                self.active -= 1
             if status is not None:
                 self._count(scope, status, time.perf_counter() - t0)
 
+    def _over_limit(self, scope: Scope) -> bool:
+        app = scope.get("app")
+        settings = getattr(app.state, "settings", None) if app is not None else None
+        limit = getattr(settings, "max_concurrent_requests", None)
+        return limit is not None and self.active >= limit
+
+    def _route_of(self, scope: Scope) -> str:
+        """The route label of a request shed before routing: its path when it is one of ours, else unmatched."""
+        if self._paths is None:
+            self._paths = frozenset(getattr(r, "path", "") for r in router.routes)
+        path = scope.get("path", "")
+        return path if path in self._paths else "unmatched"
+
     @staticmethod
-    def _count(scope: Scope, status: int, seconds: float) -> None:
+    def _count(scope: Scope, status: int, seconds: float, route: str | None = None) -> None:
         app = scope.get("app")
         m = getattr(app.state, "metrics", None) if app is not None else None
         if m is None:
             return
-        label = getattr(scope.get("route"), "path", None) or "unmatched"
+        label = route or getattr(scope.get("route"), "path", None) or "unmatched"
         m.requests.labels(route=label, status=str(status)).inc()
         m.request_seconds.labels(route=label).observe(seconds)
 
@@ -207,6 +241,8 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
                 max_delay_s=settings.max_delay_ms / 1000.0,
                 max_queue_rows=max(settings.max_queue_rows, settings.max_batch_rows),
                 timeout_s=max(settings.request_timeout_s, settings.max_delay_ms / 1000.0 + 1e-3),
+                max_wait_s=(None if settings.max_queue_wait_s is None
+                            else min(settings.max_queue_wait_s, settings.request_timeout_s)),
                 on_batch=worker.on_batch,
             )
             metrics.queue_rows.set_function(lambda: batcher.queued_rows)  # read at each scrape

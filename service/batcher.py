@@ -25,12 +25,22 @@ Semantics (DESIGN §3 and §4):
   or became free. This trades a lone client's latency for fuller batches.
 - **FIFO.** A batch is the longest prefix of the queue that fits in
   ``max_batch_rows``; the worker never reorders or splits chunks.
-- **Admission is atomic and never blocks.** A request is queued whole, or, when
-  ``queued_rows + rows > max_queue_rows``, rejected at once with
-  :class:`QueueFullError` (with a ``retry_after_s`` hint for a Retry-After header).
-- **Queue timeout.** A request whose chunk has waited more than ``timeout_s`` in the
-  queue when the worker reaches it is not computed: it fails with
-  :class:`QueueTimeoutError` and its queued chunks are dropped. The awaiting coroutine
+- **Admission is atomic and never blocks.** A request is queued whole, or rejected at
+  once with :class:`QueueFullError` (with a ``retry_after_s`` hint for a Retry-After
+  header) when ``queued_rows + rows > max_queue_rows`` or, with ``max_wait_s`` set,
+  when its estimated wait exceeds ``max_wait_s``. The estimate
+  (:meth:`DynamicBatcher.estimated_wait_s`) is the rest of the batch in flight plus
+  the queued rows ahead of it and its own rows, at the measured compute time per row
+  (a rows-weighted moving average, so full batches under load dominate it). Shedding
+  by time rather than by rows alone keeps the queue as long as the worker can clear
+  within the bound, whatever the model's speed: under overload the excess gets 503 at
+  once and the admitted requests are answered within about ``max_wait_s`` plus one
+  batch, instead of all of them waiting for a long queue and timing out.
+- **Queue timeout, counted to the end of the compute.** A request whose chunk, when the
+  worker reaches it, has waited so long that it would finish after ``timeout_s`` (its
+  wait plus the expected compute time of the batch being formed, counted as at most
+  half the timeout) is not computed: it fails with :class:`QueueTimeoutError` and its
+  queued chunks are dropped. The awaiting coroutine
   does not depend on the worker for this: a timer on its own loop fails it after
   ``timeout_s`` if any of its chunks is still queued, even while the worker is busy
   with a long batch. (A request whose chunks are all being computed is not timed out:
@@ -82,6 +92,7 @@ P = TypeVar("P")  # payload type: whatever the submitter queues (e.g. an array o
 R = TypeVar("R")  # result type: whatever compute returns per item
 
 _EWMA_ALPHA = 0.2  # weight of the newest batch in the compute-time average
+# (the per-row average gives a batch of r rows the weight _EWMA_ALPHA * r / max_batch_rows)
 _MIN_RETRY_AFTER_S = 0.01
 
 
@@ -95,20 +106,24 @@ class BatcherError(Exception):
 class QueueFullError(BatcherError):
     """The queue has no room for the request's rows; it was not queued (HTTP 503).
 
-    ``retry_after_s`` is a heuristic estimate of the seconds until enough rows have
-    left the queue: the batches needed to free the missing rows times the recent mean
-    batch compute time (``max_delay_s`` before the first batch), and at least 10 ms.
+    ``retry_after_s`` is a heuristic estimate of the seconds until the request would be
+    admitted: the batches needed to free the missing rows times the recent mean batch
+    compute time (``max_delay_s`` before the first batch), or, when the wait bound
+    refused it, the estimated wait beyond ``max_wait_s``; at least 10 ms.
+    ``estimated_wait_s`` is the wait the request would have had (None when unknown).
     """
 
-    def __init__(self, message: str, *, retry_after_s: float, queued_rows: int, max_queue_rows: int) -> None:
+    def __init__(self, message: str, *, retry_after_s: float, queued_rows: int, max_queue_rows: int,
+                 estimated_wait_s: float | None = None) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
         self.queued_rows = queued_rows
         self.max_queue_rows = max_queue_rows
+        self.estimated_wait_s = estimated_wait_s
 
 
 class QueueTimeoutError(BatcherError, TimeoutError):
-    """The request waited in the queue longer than ``timeout_s`` and was not computed (HTTP 504)."""
+    """The request waited in the queue too long to finish within ``timeout_s`` and was not computed (HTTP 504)."""
 
 
 class BatcherClosedError(BatcherError):
@@ -244,8 +259,13 @@ class DynamicBatcher(Generic[P, R]):
             free: batches hold what queued while the previous batch was computed.
         max_queue_rows: most rows queued (not yet taken by the worker); beyond it
             ``submit`` raises :class:`QueueFullError`. At least ``max_batch_rows``.
-        timeout_s: longest time a request may wait in the queue; more than
-            ``max_delay_s``, else a lone request would always time out.
+        timeout_s: longest time from a request's arrival to the end of its compute; a
+            request that would exceed it (its wait plus the expected compute time of the
+            batch) is not computed. More than ``max_delay_s``, else a lone request would
+            always time out.
+        max_wait_s: admission bound on the estimated queue wait (None: rows alone,
+            ``max_queue_rows``, bound the queue). Before the first batch nothing is
+            known and only ``max_queue_rows`` applies.
         on_batch: optional ``on_batch(BatchInfo)``, called on the worker thread after
             each computed batch (for metrics); its exceptions are logged and ignored.
         clock: monotonic clock in seconds used for arrival, delay, timeout and compute
@@ -261,6 +281,7 @@ class DynamicBatcher(Generic[P, R]):
         max_delay_s: float = 0.0,
         max_queue_rows: int,
         timeout_s: float,
+        max_wait_s: float | None = None,
         on_batch: Callable[[BatchInfo], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         name: str = "gga-worker",
@@ -287,6 +308,9 @@ class DynamicBatcher(Generic[P, R]):
                 f"timeout_s ({timeout_s}) must be greater than max_delay_s ({max_delay_s}), "
                 "else a request that waits the full batching delay times out"
             )
+        if max_wait_s is not None and (not _is_real(max_wait_s) or not math.isfinite(max_wait_s)
+                                       or max_wait_s <= 0):
+            raise ValueError(f"max_wait_s must be a finite number of seconds > 0 or None, got {max_wait_s!r}")
         if not isinstance(name, str) or not name:
             raise ValueError("name must be a non-empty string (the worker thread's name)")
 
@@ -296,6 +320,7 @@ class DynamicBatcher(Generic[P, R]):
         self._name = name
         self._max_delay_s = float(max_delay_s)
         self._timeout_s = float(timeout_s)
+        self._max_wait_s = None if max_wait_s is None else float(max_wait_s)
 
         self._cond = threading.Condition()
         self._queue: deque[Chunk[P]] = deque()
@@ -305,6 +330,8 @@ class DynamicBatcher(Generic[P, R]):
         self._drain = False
         self._thread: threading.Thread | None = None
         self._ewma_compute_s: float | None = None
+        self._ewma_row_s: float | None = None  # compute seconds per row, rows-weighted
+        self._batch_started = 0.0  # clock() when the batch in flight was taken
         self._counts: dict[str, int] = {f.name: 0 for f in fields(BatcherCounters)}
 
     # ------------------------------------------------------------------ properties
@@ -316,6 +343,10 @@ class DynamicBatcher(Generic[P, R]):
     @property
     def max_delay_s(self) -> float:
         return self._max_delay_s
+
+    @property
+    def max_wait_s(self) -> float | None:
+        return self._max_wait_s
 
     @property
     def max_queue_rows(self) -> int:
@@ -359,6 +390,26 @@ class DynamicBatcher(Generic[P, R]):
         """Exponentially weighted mean of recent batch compute times; None before the first batch."""
         with self._cond:
             return self._ewma_compute_s
+
+    @property
+    def row_compute_s(self) -> float | None:
+        """Moving average of compute seconds per row (a batch weighs by its rows); None before the first batch."""
+        with self._cond:
+            return self._ewma_row_s
+
+    def estimated_wait_s(self, rows: int = 1) -> float | None:
+        """Estimated seconds from now until a request of ``rows`` rows queued now has been computed.
+
+        The rest of the batch in flight, then every queued row and the request's own, at
+        :attr:`row_compute_s`. None before the first batch (nothing measured yet).
+        """
+        with self._cond:
+            return self._estimated_wait_locked(rows, self._clock())
+
+    def admits(self, rows: int = 1) -> bool:
+        """Whether a request of ``rows`` rows would be admitted now (for a check before reading a body)."""
+        with self._cond:
+            return self._refusal_locked(rows) is None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -481,15 +532,10 @@ class DynamicBatcher(Generic[P, R]):
         with self._cond:
             if self._state != _RUNNING:
                 raise BatcherClosedError(self._closed_message())
-            if self._queued_rows + rows > self._max_queue_rows:
+            refusal = self._refusal_locked(rows)
+            if refusal is not None:
                 self._counts["rejected"] += 1
-                raise QueueFullError(
-                    f"queue full: {self._queued_rows} of max_queue_rows={self._max_queue_rows} rows queued, "
-                    f"no room for {rows} more; retry later",
-                    retry_after_s=self._retry_after_locked(rows),
-                    queued_rows=self._queued_rows,
-                    max_queue_rows=self._max_queue_rows,
-                )
+                raise refusal
             now = self._clock()
             req.arrival = now
             for index, (piece, start, stop) in enumerate(pieces):
@@ -559,7 +605,16 @@ class DynamicBatcher(Generic[P, R]):
 
     def _expire_head_locked(self, now: float) -> None:
         # The queue is in arrival order, so only its head can be the oldest expired chunk.
-        while self._queue and now - self._queue[0].arrival > self._timeout_s:
+        # A chunk expires when it could not be computed within its timeout any more: its
+        # wait so far plus the expected compute of the next batch (what would be taken now).
+        # The expected compute counts for at most half the timeout: an estimate inflated by
+        # one slow batch must not time out fresh requests (then no batch would ever run again
+        # to correct it).
+        row_s = self._ewma_row_s or 0.0
+        while self._queue:
+            horizon = min(min(self._queued_rows, self._max_batch_rows) * row_s, self._timeout_s / 2)
+            if now + horizon - self._queue[0].arrival <= self._timeout_s:
+                break
             req = self._queue[0]._request
             self._finish_locked(req, self._timeout_error(now - req.arrival), "timed_out")
 
@@ -573,6 +628,7 @@ class DynamicBatcher(Generic[P, R]):
             batch.append(chunk)
         self._queued_rows -= rows
         self._in_flight = batch
+        self._batch_started = self._clock()
         return batch
 
     def _process(self, batch: list[Chunk[P]]) -> None:
@@ -631,6 +687,11 @@ class DynamicBatcher(Generic[P, R]):
                 compute_s
                 if self._ewma_compute_s is None
                 else (1 - _EWMA_ALPHA) * self._ewma_compute_s + _EWMA_ALPHA * compute_s
+            )
+            per_row = compute_s / rows
+            weight = _EWMA_ALPHA * min(1.0, rows / self._max_batch_rows)
+            self._ewma_row_s = (
+                per_row if self._ewma_row_s is None else (1 - weight) * self._ewma_row_s + weight * per_row
             )
             for chunk, (result, exc) in zip(items, outcomes, strict=True):
                 req = chunk._request
@@ -695,6 +756,38 @@ class DynamicBatcher(Generic[P, R]):
             closed = BatcherClosedError("batcher stopped before the request was computed")
             self._finish_locked(req, closed, "closed")
 
+    def _estimated_wait_locked(self, rows: int, now: float) -> float | None:
+        row_s = self._ewma_row_s
+        if row_s is None:
+            return None
+        in_flight = sum(c.rows for c in self._in_flight)
+        rest = max(0.0, in_flight * row_s - (now - self._batch_started)) if in_flight else 0.0
+        return rest + (self._queued_rows + rows) * row_s
+
+    def _refusal_locked(self, rows: int) -> QueueFullError | None:
+        """The error refusing ``rows`` more rows now, or None when they fit (rows and wait bounds)."""
+        if self._queued_rows + rows > self._max_queue_rows:
+            return QueueFullError(
+                f"queue full: {self._queued_rows} of max_queue_rows={self._max_queue_rows} rows queued, "
+                f"no room for {rows} more; retry later",
+                retry_after_s=self._retry_after_locked(rows),
+                queued_rows=self._queued_rows,
+                max_queue_rows=self._max_queue_rows,
+            )
+        if self._max_wait_s is None:
+            return None
+        wait = self._estimated_wait_locked(rows, self._clock())
+        if wait is None or wait <= self._max_wait_s or not (self._queue or self._in_flight):
+            return None  # (an idle worker admits anything the rows bound allows: there is nothing to wait for)
+        return QueueFullError(
+            f"overloaded: estimated wait {wait:.2f} s exceeds max_wait_s={self._max_wait_s:g} "
+            f"({self._queued_rows} rows queued); retry later",
+            retry_after_s=max(wait - self._max_wait_s, _MIN_RETRY_AFTER_S),
+            queued_rows=self._queued_rows,
+            max_queue_rows=self._max_queue_rows,
+            estimated_wait_s=wait,
+        )
+
     def _retry_after_locked(self, rows: int) -> float:
         missing = self._queued_rows + rows - self._max_queue_rows
         batches = max(1, -(-missing // self._max_batch_rows))
@@ -703,8 +796,8 @@ class DynamicBatcher(Generic[P, R]):
 
     def _timeout_error(self, waited: float) -> QueueTimeoutError:
         return QueueTimeoutError(
-            f"request waited {waited:.3f} s in the queue, longer than timeout_s={self._timeout_s}; "
-            "the service is overloaded, retry later"
+            f"request waited {waited:.3f} s in the queue and could not be computed within "
+            f"timeout_s={self._timeout_s}; the service is overloaded, retry later"
         )
 
     def _closed_message(self) -> str:

@@ -86,9 +86,11 @@ async def predict(request: Request, return_csm: bool = False) -> Response:
         raise ApiError(415, "unsupported_media_type", f"content type {ctype or '(none)'!r} is not supported; send "
                        "application/json ({\"inputs\": [...]}) or application/x-npy (one .npy array)")
     batcher = st.batcher
-    if batcher.queued_rows >= batcher.max_queue_rows:  # admission before reading or decoding the body
-        raise ApiError(503, "overloaded", f"the queue is full ({batcher.queued_rows} of {batcher.max_queue_rows} "
-                       "rows); retry later", headers={"Retry-After": "1"})
+    if not batcher.admits(1):  # admission before reading or decoding the body: not even one row fits now
+        wait = batcher.estimated_wait_s(1)
+        why = f"estimated wait {wait:.1f} s" if wait is not None and batcher.queued_rows < batcher.max_queue_rows \
+            else f"{batcher.queued_rows} of {batcher.max_queue_rows} rows queued"
+        raise ApiError(503, "overloaded", f"the queue is full ({why}); retry later", headers={"Retry-After": "1"})
     body = await _read_body(request, st.settings.max_request_bytes)
     shape = st.card.input_shape
     if ctype == "application/json":
@@ -112,11 +114,13 @@ async def predict(request: Request, return_csm: bool = False) -> Response:
                                        merge=merge_results)
     except QueueFullError as exc:
         retry = max(1, int(np.ceil(exc.retry_after_s)))
-        raise ApiError(503, "overloaded", f"the queue is full ({exc.queued_rows} of {exc.max_queue_rows} rows); "
-                       "retry later", headers={"Retry-After": str(retry)}) from exc
+        why = f"{exc.queued_rows} of {exc.max_queue_rows} rows queued" if exc.estimated_wait_s is None \
+            else f"estimated wait {exc.estimated_wait_s:.1f} s"
+        raise ApiError(503, "overloaded", f"the queue is full ({why}); retry later",
+                       headers={"Retry-After": str(retry)}) from exc
     except QueueTimeoutError as exc:
-        raise ApiError(504, "timeout", f"the request waited more than {st.settings.request_timeout_s} s in the "
-                       "queue and was not computed") from exc
+        raise ApiError(504, "timeout", f"the request could not be computed within {st.settings.request_timeout_s} s "
+                       "of its arrival (it waited in the queue) and was not computed") from exc
     except RequestTooLargeError as exc:
         raise ApiError(413, "payload_too_large", str(exc)) from exc
     except BatcherClosedError as exc:
@@ -277,7 +281,8 @@ async def info(request: Request) -> Response:
         "detector": _detector_info(detector),
         "alpha": s.alpha if s.alpha is not None else (detector.alpha if detector else None),
         "batching": {"max_batch_rows": s.max_batch_rows, "max_delay_ms": s.max_delay_ms,
-                     "max_queue_rows": s.max_queue_rows, "request_timeout_s": s.request_timeout_s,
+                     "max_queue_rows": s.max_queue_rows, "max_queue_wait_s": s.max_queue_wait_s,
+                     "max_concurrent_requests": s.max_concurrent_requests, "request_timeout_s": s.request_timeout_s,
                      "max_request_bytes": s.max_request_bytes},
         "strategy": st.strategy.info(detector),
         "model_card": st.card.extra,

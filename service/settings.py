@@ -65,7 +65,30 @@ class Settings(BaseSettings):
         "as soon as the worker is free, holding what queued while it computed; > 0 trades latency for fuller batches)"
     )
     max_queue_rows: int = Field(2048, ge=1, description="queued rows beyond which requests get 503")
-    request_timeout_s: float = Field(30.0, gt=0, description="queue wait beyond which a request gets 504")
+    max_queue_wait_s: float | None = Field(
+        2.0, gt=0, description="admission bound on the estimated queue wait (queued rows times the measured compute "
+        "time per row): a request that would wait longer gets 503 at once, so that under overload the admitted "
+        "requests are answered promptly instead of all waiting and timing out (None: only max_queue_rows bounds "
+        "the queue; capped by request_timeout_s)"
+    )
+    max_concurrent_requests: int | None = Field(
+        1024, ge=1, description="HTTP requests handled at once (probes and /metrics not counted); beyond it a "
+        "request gets 503 before anything else is done with it (None: no limit)"
+    )
+    request_timeout_s: float = Field(
+        30.0, gt=0, description="a request that cannot be computed within this many seconds of its arrival "
+        "(its queue wait plus the expected compute time) gets 504 instead of a late answer"
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="time a client has to send a request's line and headers, counted from the "
+        "connection's start (first request) or the request's first byte (later keep-alive requests), not restarted "
+        "by each byte; past it: 408 request_timeout and the connection closed (closed silently if nothing arrived)"
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="longest silence while a request body is still being received (restarted by every "
+        "chunk; not counted while the server is not reading); past it the request ends (408 request_timeout if no "
+        "response began) and the connection is closed"
+    )
     max_request_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest accepted request body")
     max_fit_bytes: int = Field(512 * 1024 * 1024, ge=1024, description="largest accepted /fit upload")
     admin_token: SecretStr | None = Field(
