@@ -21,6 +21,7 @@ from detectors.csm import resolve_strategy
 from detectors.fingerprint import model_fingerprint
 from detectors.persist import load_detector
 from service.artifacts import BUNDLED_VERSION, ArtifactStore
+from service.auth import READER_PATHS, matches, presented, secret_of
 from service.batcher import DynamicBatcher
 from service.docs import install_docs
 from service.errors import envelope, install_error_handlers, internal_error
@@ -142,7 +143,8 @@ class RequestMetrics:
     where an unhandled exception becomes an answer: :func:`service.errors.internal_error`
     (500 envelope, traceback logged), counted like any response, the connection kept open.
 
-    It also holds the concurrency limit (``GGA_MAX_CONCURRENT_REQUESTS``): a request
+    It checks the read token (``GGA_READ_TOKEN``, :mod:`service.auth`) of ``/info`` and the
+    docs, and holds the concurrency limit (``GGA_MAX_CONCURRENT_REQUESTS``): a request
     beyond it gets a 503 envelope before routing, before its body is read, which costs
     the event loop next to nothing. Probes and ``/metrics`` are neither counted nor shed.
     """
@@ -173,6 +175,12 @@ class RequestMetrics:
             finally:
                 self._count(scope, status or 503, time.perf_counter() - t0, self._route_of(scope))
             return
+        if scope.get("path") in READER_PATHS and not self._reader(scope):
+            await envelope(401, "unauthorized", "this page needs the read token (GGA_READ_TOKEN) or the admin token: "
+                           "'Authorization: Bearer <token>', or HTTP Basic with the token as password",
+                           {"WWW-Authenticate": 'Basic realm="GGA trust service", Bearer'})(scope, receive, send_seen)
+            self._count(scope, 401, time.perf_counter() - t0, self._route_of(scope))
+            return
         if limited:
             self.active += 1
         try:
@@ -194,10 +202,21 @@ class RequestMetrics:
         limit = getattr(settings, "max_concurrent_requests", None)
         return limit is not None and self.active >= limit
 
+    @staticmethod
+    def _reader(scope: Scope) -> bool:
+        """Whether the request may read /info and the docs: no read token set, or it presents one of the tokens."""
+        app = scope.get("app")
+        settings = getattr(app.state, "settings", None) if app is not None else None
+        reader = secret_of(getattr(settings, "read_token", None))
+        if not reader:
+            return True
+        header = next((v.decode("latin-1") for k, v in scope.get("headers", ()) if k == b"authorization"), "")
+        return matches(presented(header, basic=True), reader, secret_of(settings.admin_token))
+
     def _route_of(self, scope: Scope) -> str:
         """The route label of a request shed before routing: its path when it is one of ours, else unmatched."""
         if self._paths is None:
-            self._paths = frozenset(getattr(r, "path", "") for r in router.routes)
+            self._paths = frozenset(getattr(r, "path", "") for r in router.routes) | READER_PATHS
         path = scope.get("path", "")
         return path if path in self._paths else "unmatched"
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import secrets
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from detectors.csm import NonFiniteLogitsError
 from detectors.presets import describe
+from service.auth import matches, presented, secret_of
 from service.batcher import BatcherClosedError, QueueFullError, QueueTimeoutError, RequestTooLargeError
 from service.decode import NPY_TYPES, body_stream, decode_json_inputs, decode_npy, media_type, parse_json_body
 from service.errors import ApiError
@@ -152,16 +152,11 @@ def _range_warnings(card, x: np.ndarray) -> list[dict]:
 
 
 def _require_admin(request: Request) -> None:
-    token = request.app.state.settings.admin_token
-    secret = token.get_secret_value().strip() if token is not None else ""
+    secret = secret_of(request.app.state.settings.admin_token)
     if not secret:  # unset or blank (Settings turns a blank one into None; this holds for any Settings)
         raise ApiError(403, "fit_disabled", "POST /fit is disabled: start the service with GGA_ADMIN_TOKEN set (not "
                        "empty) and send it as 'Authorization: Bearer <token>'")
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    given = given.strip()
-    # constant time in the token; header values arrive latin-1 decoded, so encode them back to the raw bytes
-    match = secrets.compare_digest(given.encode("latin-1"), secret.encode("utf-8"))
-    if scheme.lower() != "bearer" or not given or not match:
+    if not matches(presented(request.headers.get("authorization", "")), secret):
         raise ApiError(401, "unauthorized", "missing or wrong bearer token (Authorization: Bearer <token>)",
                        headers={"WWW-Authenticate": "Bearer"})
 

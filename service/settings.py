@@ -95,6 +95,11 @@ class Settings(BaseSettings):
         None, description="bearer token for POST /fit (unset, empty or blank: /fit disabled); surrounding "
         "whitespace is ignored"
     )
+    read_token: SecretStr | None = Field(
+        None, description="bearer token for /info and the API docs (/docs, /redoc, /openapi.json; HTTP Basic with "
+        "the token as password also works, for browsers); the admin token opens them too (unset, empty or blank: "
+        "open to all)"
+    )
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (None: torch's default)")
     fit_batch_size: int = Field(256, ge=1)
     host: str = "127.0.0.1"
@@ -114,16 +119,19 @@ class Settings(BaseSettings):
         """Absolute, once: a server started from another folder must not silently look elsewhere."""
         return v.expanduser().resolve()
 
-    @field_validator("admin_token", mode="before")
+    @field_validator("admin_token", "read_token", mode="before")
     @classmethod
-    def _admin_token(cls, v: object) -> object:
+    def _token(cls, v: object, info) -> object:
         """A blank token (``GGA_ADMIN_TOKEN=""``, what compose passes when it is unset) is
         unset: it would otherwise admit ``Authorization: Bearer`` with nothing after it."""
         raw = v.get_secret_value() if isinstance(v, SecretStr) else v
         if not isinstance(raw, str):
             return v
         if not raw.strip():
-            log.warning("GGA_ADMIN_TOKEN is set but empty: POST /fit stays disabled until it is set to a "
-                        "non-blank token")
+            if info.field_name == "admin_token":
+                log.warning("GGA_ADMIN_TOKEN is set but empty: POST /fit stays disabled until it is set to a "
+                            "non-blank token")
+            else:
+                log.warning("GGA_READ_TOKEN is set but empty: /info and the API docs stay open to all")
             return None
         return raw.strip()
