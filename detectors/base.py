@@ -23,13 +23,17 @@ train/eval mode is never changed.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Protocol, Self, runtime_checkable
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol, Self, runtime_checkable
 
 import torch
 from torch import nn
 
 from detectors.calibration import ConformalCalibration
+
+# How a fit runs one batch's model pass: ``run(fn)`` calls ``fn()`` (somewhere: on a serving
+# worker thread between its batches, say) and returns its result.
+BatchRunner = Callable[[Callable[[], Any]], Any]
 
 
 @runtime_checkable

@@ -56,6 +56,7 @@ import torch
 from safetensors.torch import load_file
 
 from detectors.autotune import StrategyTable, strategy_for
+from detectors.base import BatchRunner
 from detectors.calibration import ConformalCalibration
 from detectors.csm import STRATEGIES, check_logits, cosine_similarity_maps
 from detectors.energy import energy_score
@@ -259,10 +260,12 @@ class CompositeDetector:
         layers = tap.features(len(x)) if tap is not None else {}
         return Signals(logits.detach().cpu(), classes.cpu(), feats, layers, csm)
 
-    def _signals_batched(self, x: torch.Tensor, batch_size: int, progress, offset: int, total: int) -> Signals:
+    def _signals_batched(self, x: torch.Tensor, batch_size: int, progress, offset: int, total: int,
+                         run: BatchRunner | None = None) -> Signals:
         parts = []
         for start in range(0, len(x), batch_size):
-            parts.append(self.signals(x[start:start + batch_size]))
+            xb = x[start:start + batch_size]
+            parts.append(run(lambda xb=xb: self.signals(xb)) if run is not None else self.signals(xb))
             if progress is not None:
                 progress(offset + min(start + batch_size, len(x)), total)
         return Signals.cat(parts)
@@ -332,22 +335,23 @@ class CompositeDetector:
 
     def fit(self, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256,
             progress: Callable[[int, int], None] | None = None, *,
-            calibration: tuple[torch.Tensor, torch.Tensor] | None = None) -> Self:
+            calibration: tuple[torch.Tensor, torch.Tensor] | None = None, run: BatchRunner | None = None) -> Self:
         """Fit on labelled in-distribution data x [n, *input_shape], y [n]; returns self.
 
-        ``calibration=(x_cal, y_cal)``: held-out data (not trained on) for the conformal
-        calibration; without it a seeded ``calibration_fraction`` of x is held out.
-        Raises ValueError when too few samples are classified correctly, or when the
-        calibration set is too small to ever flag at ``alpha``.
+        ``run(fn)``, when given, runs each batch's pass ``fn()`` (e.g. on a serving worker
+        thread, between its batches) and returns its result. ``calibration=(x_cal, y_cal)``:
+        held-out data (not trained on) for the conformal calibration; without it a seeded
+        ``calibration_fraction`` of x is held out. Raises ValueError when too few samples are
+        classified correctly, or when the calibration set is too small to ever flag at ``alpha``.
         """
         t0 = time.perf_counter()
         x, y = _check_xy(x, y)
         total = len(x) + (len(calibration[0]) if calibration is not None else 0)
-        sig = self._signals_batched(x, batch_size, progress, 0, total)
+        sig = self._signals_batched(x, batch_size, progress, 0, total, run)
         cal_sig = None
         if calibration is not None:
             xc, _ = _check_xy(*calibration)
-            cal_sig = self._signals_batched(xc, batch_size, progress, len(x), total)
+            cal_sig = self._signals_batched(xc, batch_size, progress, len(x), total, run)
         return self.fit_signals(sig, y, cal_sig, None if calibration is None else calibration[1], started=t0)
 
     def fit_signals(self, sig: Signals, y: torch.Tensor, cal_sig: Signals | None = None,

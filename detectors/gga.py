@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from detectors.autotune import StrategyTable, strategy_for
+from detectors.base import BatchRunner
 from detectors.calibration import conformal_p_values, conformal_threshold, min_calibration_size
 from detectors.csm import CHANNEL_REDUCTIONS, STRATEGIES, cosine_similarity_maps
 from detectors.features import feature_names, gga_features
@@ -154,23 +155,35 @@ class GGADetector:
                                       strategy=strategy_for(self.strategy, len(x)), timings=timings)
 
     def features(self, x: torch.Tensor, batch_size: int = 256,
-                 progress: Callable[[int, int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """GGA features [B, d] and predicted labels [B] for x, computed in batches (CPU tensors)."""
+                 progress: Callable[[int, int], None] | None = None,
+                 run: BatchRunner | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """GGA features [B, d] and predicted labels [B] for x, computed in batches (CPU tensors).
+
+        ``run(fn)``, when given, runs each batch's pass ``fn()`` (e.g. on a serving worker
+        thread, between its batches) and returns its result.
+        """
         feats, labels = [], []
+
+        def one(xb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            res = self.csm(xb)
+            return gga_features(res, self.config.include_softmax).cpu(), res.classes[:, 0].cpu()
+
         for start in range(0, len(x), batch_size):
-            res = self.csm(x[start:start + batch_size])
-            feats.append(gga_features(res, self.config.include_softmax).cpu())
-            labels.append(res.classes[:, 0].cpu())
+            xb = x[start:start + batch_size]
+            f, lab = run(lambda xb=xb: one(xb)) if run is not None else one(xb)
+            feats.append(f)
+            labels.append(lab)
             if progress is not None:
                 progress(min(start + batch_size, len(x)), len(x))
         return torch.cat(feats), torch.cat(labels)
 
     def fit(self, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256,
             progress: Callable[[int, int], None] | None = None, *,
-            calibration: tuple[torch.Tensor, torch.Tensor] | None = None) -> Self:
+            calibration: tuple[torch.Tensor, torch.Tensor] | None = None, run: BatchRunner | None = None) -> Self:
         """Fit on labelled in-distribution data x [n, *input_shape], y [n]; returns self.
 
-        Only correctly classified samples are used. Without ``calibration`` they are split
+        ``run``: how each batch's model pass is run (see :meth:`features`). Only correctly
+        classified samples are used. Without ``calibration`` they are split
         (seeded) into a LODA part and a calibration part of ``calibration_fraction``. With
         ``calibration=(x_cal, y_cal)``, LODA is fitted on all of x and the calibration
         scores come from x_cal: pass data the model was not trained on there, so that
@@ -185,7 +198,7 @@ class GGADetector:
         def offset_progress(base: int):
             return None if progress is None else (lambda done, _t: progress(base + done, total))
 
-        good, n_samples = self._correct_features(x, y, batch_size, offset_progress(0))
+        good, n_samples = self._correct_features(x, y, batch_size, offset_progress(0), run)
         n_correct = len(good)
         if calibration is None:
             perm = torch.randperm(n_correct, generator=torch.Generator().manual_seed(self.config.seed))
@@ -193,7 +206,8 @@ class GGADetector:
             n_fit = n_correct - n_cal
             fit_part, cal_part = good[perm[:n_fit]], good[perm[n_fit:]]
         else:
-            cal_part, n_cal_samples = self._correct_features(*calibration, batch_size, offset_progress(len(x)))
+            cal_part, n_cal_samples = self._correct_features(*calibration, batch_size, offset_progress(len(x)),
+                                                              run)
             fit_part, n_fit, n_cal = good, n_correct, len(cal_part)
             n_samples += n_cal_samples
             n_correct += n_cal
@@ -220,7 +234,7 @@ class GGADetector:
         )
         return self
 
-    def _correct_features(self, x, y, batch_size, progress) -> tuple[torch.Tensor, int]:
+    def _correct_features(self, x, y, batch_size, progress, run=None) -> tuple[torch.Tensor, int]:
         """Features (float64) of the correctly classified samples of (x, y), and len(x)."""
         x, y = torch.as_tensor(x), torch.as_tensor(y).long().cpu()
         if x.dim() < 2 or len(x) != len(y):
@@ -228,7 +242,7 @@ class GGADetector:
                              f"{tuple(y.shape)}")
         if not torch.isfinite(x).all():
             raise ValueError("x contains NaN or inf")
-        feats, pred = self.features(x, batch_size, progress)
+        feats, pred = self.features(x, batch_size, progress, run)
         correct = pred == y
         n_correct = int(correct.sum())
         if n_correct < 20:

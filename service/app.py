@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from detectors.autotune import PROCESS_CACHE, StrategyCache, StrategyTable
+from detectors.base import BatchRunner
 from detectors.csm import resolve_strategy
 from detectors.fingerprint import model_fingerprint
 from detectors.persist import load_detector
@@ -122,10 +123,14 @@ class StrategySlot(DetectorSlot):
     def __init__(self, detector, version: str | None, strategy: ServedStrategy) -> None:
         super().__init__(detector, version)
         self.strategy = strategy
+        self.run: BatchRunner | None = None  # where the measurement runs (the compute worker, once it exists)
 
     def swap(self, detector, version: str) -> None:
         try:
-            self.strategy.apply(detector)
+            if self.run is not None and self.strategy.mode == "auto":  # (only auto runs the model)
+                self.run(lambda: self.strategy.apply(detector))
+            else:
+                self.strategy.apply(detector)
         except Exception:  # noqa: BLE001 - the version is already saved: serve it with the device rule
             log.exception("GGA strategy for detector %s: measurement failed, using the device rule", version)
             detector.strategy = "auto"
@@ -268,8 +273,13 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
             metrics.alpha.set_function(  # the served alpha (GGA_ALPHA, else the detector's), read at each scrape
                 lambda: worker.alpha if worker.alpha is not None else getattr(slot.get()[0], "alpha", float("nan")))
             gate = SwapGate(slot, on_swap=metrics.set_detector_version)  # fit jobs and reloads: newest wins
+            # everything that runs the model after startup runs on the compute worker, between batches: fit
+            # passes (in batches of at most a request batch) and the strategy measurement of a new top-N
+            slot.run = batcher.run_between
             fits = FitJobManager(model, device, store, gate, metrics, num_classes=len(card.class_names),
-                                 feature_layers=card.feature_layers, batch_size=settings.fit_batch_size)
+                                 feature_layers=card.feature_layers,
+                                 batch_size=min(settings.fit_batch_size, settings.max_batch_rows),
+                                 run=batcher.run_between)
             watcher = ReloadWatcher(store, model, gate, interval_s=settings.reload_interval_s)
             app.state.__dict__.update(
                 settings=settings, registry=registry, metrics=metrics, model=model, card=card, device=device,

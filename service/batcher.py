@@ -50,6 +50,12 @@ Semantics (DESIGN §3 and §4):
   with its own exception (original type), and their neighbours get their results.
 - **Cancellation** of an awaiting coroutine (a client disconnect) drops its queued
   chunks and discards results still being computed for it.
+- **Other work on the worker, between batches.** :meth:`run_between` runs a callable
+  on the worker thread (the fit jobs' model passes, so that nothing else ever uses the
+  model while a batch is computed) and blocks its caller, another thread, until it is
+  done. Such a task runs when no request is queued, or, under sustained load, once it has
+  waited ``background_wait_s``: then before the next batch, so it is never starved and
+  delays requests by at most one task at a time.
 - **Lifecycle.** :meth:`start` starts the thread. :meth:`stop` / :meth:`astop` stop
   accepting (``submit`` raises :class:`BatcherClosedError`), fail the queued requests
   with :class:`BatcherClosedError` (or, with ``drain=True``, compute them first
@@ -88,6 +94,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")  # result of a run_between task
 P = TypeVar("P")  # payload type: whatever the submitter queues (e.g. an array of rows)
 R = TypeVar("R")  # result type: whatever compute returns per item
 
@@ -171,6 +178,22 @@ class _Request:
         self.remaining = n_chunks  # chunks without a result yet
         self.queued_chunks = 0  # chunks still in the queue (not taken by the worker)
         self.done = False  # a result or an exception has been decided
+
+
+class _Task:
+    """A :meth:`DynamicBatcher.run_between` call waiting for, or running on, the worker thread."""
+
+    __slots__ = ("fn", "queued_at", "done", "result", "error")
+
+    def __init__(self, fn: Callable[[], Any], queued_at: float) -> None:
+        self.fn, self.queued_at = fn, queued_at
+        self.done = threading.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+    def finish(self, result: Any, error: BaseException | None) -> None:
+        self.result, self.error = result, error
+        self.done.set()
 
 
 @dataclass(frozen=True, eq=False)
@@ -271,6 +294,8 @@ class DynamicBatcher(Generic[P, R]):
         clock: monotonic clock in seconds used for arrival, delay, timeout and compute
             times (inject a fake one in tests and call :meth:`wake` after moving it).
         name: name of the worker thread.
+        background_wait_s: longest time a :meth:`run_between` task waits behind queued
+            requests before it goes first.
     """
 
     def __init__(
@@ -285,6 +310,7 @@ class DynamicBatcher(Generic[P, R]):
         on_batch: Callable[[BatchInfo], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         name: str = "gga-worker",
+        background_wait_s: float = 0.5,
     ) -> None:
         if not callable(compute):
             raise ValueError("compute must be callable: compute(items: list[Chunk]) -> list[result]")
@@ -313,6 +339,8 @@ class DynamicBatcher(Generic[P, R]):
             raise ValueError(f"max_wait_s must be a finite number of seconds > 0 or None, got {max_wait_s!r}")
         if not isinstance(name, str) or not name:
             raise ValueError("name must be a non-empty string (the worker thread's name)")
+        if not _is_real(background_wait_s) or not math.isfinite(background_wait_s) or background_wait_s < 0:
+            raise ValueError(f"background_wait_s must be a finite number of seconds >= 0, got {background_wait_s!r}")
 
         self._compute = compute
         self._on_batch = on_batch
@@ -321,6 +349,8 @@ class DynamicBatcher(Generic[P, R]):
         self._max_delay_s = float(max_delay_s)
         self._timeout_s = float(timeout_s)
         self._max_wait_s = None if max_wait_s is None else float(max_wait_s)
+        self._background_wait_s = float(background_wait_s)
+        self._tasks: deque[_Task] = deque()
 
         self._cond = threading.Condition()
         self._queue: deque[Chunk[P]] = deque()
@@ -456,6 +486,7 @@ class DynamicBatcher(Generic[P, R]):
             if self._state == _RUNNING:
                 self._state = _CLOSING
                 self._drain = drain
+                self._fail_tasks_locked()  # (fit jobs stop with the service; only requests are drained)
             if self._state == _CLOSING and not drain:
                 # also escalates an earlier stop(drain=True)
                 self._drain = False
@@ -470,6 +501,44 @@ class DynamicBatcher(Generic[P, R]):
             return False  # stop() called from compute/on_batch: cannot join itself
         thread.join(timeout)
         return not thread.is_alive()
+
+    # ------------------------------------------------------------------ other work on the worker
+
+    def run_between(self, fn: Callable[[], T]) -> T:
+        """Run ``fn()`` on the worker thread between batches and return its result (or raise its error).
+
+        Blocks the calling thread until done: call it from a thread of its own (a fit job),
+        never from the event loop. Called on the worker thread itself (from ``compute``),
+        or before :meth:`start`, it runs ``fn`` at once. Raises
+        :class:`BatcherClosedError` when the batcher is stopping or stopped, also for a
+        task still waiting when it stops.
+        """
+        with self._cond:
+            inline = self._state == _NEW or threading.current_thread() is self._thread
+            if not inline:
+                if self._state != _RUNNING:
+                    raise BatcherClosedError(self._closed_message())
+                task = _Task(fn, self._clock())
+                self._tasks.append(task)
+                self._cond.notify_all()
+        if inline:
+            return fn()
+        task.done.wait()
+        if task.error is not None:
+            raise task.error
+        return task.result
+
+    def _run_task(self, task: _Task) -> None:
+        try:
+            result = task.fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller, whatever it is
+            task.finish(None, exc)
+        else:
+            task.finish(result, None)
+
+    def _fail_tasks_locked(self) -> None:
+        while self._tasks:
+            self._tasks.popleft().finish(None, BatcherClosedError("batcher stopped before the task ran"))
 
     # ------------------------------------------------------------------ submit (event loop)
 
@@ -568,8 +637,11 @@ class DynamicBatcher(Generic[P, R]):
 
     def _run(self) -> None:
         try:
-            while (batch := self._next_batch()) is not None:
-                self._process(batch)
+            while (work := self._next_batch()) is not None:
+                if isinstance(work, _Task):
+                    self._run_task(work)
+                else:
+                    self._process(work)
         except BaseException:
             log.exception("batch worker %r crashed; failing its requests", self._name)
             raise
@@ -582,15 +654,19 @@ class DynamicBatcher(Generic[P, R]):
                         self._finish_locked(chunk._request, stopped, "closed")
                 self._in_flight = []
                 self._fail_queued_locked()
+                self._fail_tasks_locked()
 
-    def _next_batch(self) -> list[Chunk[P]] | None:
-        """Block until a batch is due and take it; None when the worker should exit."""
+    def _next_batch(self) -> list[Chunk[P]] | _Task | None:
+        """Block until a batch (or a run_between task) is due and take it; None when the worker should exit."""
         with self._cond:
             while True:
                 if self._state != _RUNNING and not (self._state == _CLOSING and self._drain):
                     return None
                 now = self._clock()
                 self._expire_head_locked(now)
+                if self._tasks and self._state == _RUNNING and (
+                        not self._queue or now - self._tasks[0].queued_at >= self._background_wait_s):
+                    return self._tasks.popleft()
                 if not self._queue:
                     if self._state != _RUNNING:
                         return None  # drained
@@ -601,6 +677,8 @@ class DynamicBatcher(Generic[P, R]):
                 due = self._queue[0].arrival + self._max_delay_s
                 if now >= due:
                     return self._take_batch_locked()
+                if self._tasks:
+                    due = min(due, self._tasks[0].queued_at + self._background_wait_s)
                 self._cond.wait(due - now)
 
     def _expire_head_locked(self, now: float) -> None:

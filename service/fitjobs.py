@@ -6,6 +6,12 @@ LODA and the calibration split, writes a new artifact version (temporary name, f
 rename) and swaps it into the :class:`DetectorSlot`; requests in flight keep the
 detector they started with. A failure at any step leaves the served detector and the
 artifact directory as they were.
+
+In the service a job's model passes run on the compute worker, between request
+batches (``run=DynamicBatcher.run_between``): the model is never used by two threads
+at once (forward hooks of the layer signals would otherwise see both), and a fit
+delays requests by at most one fit batch at a time instead of competing with them for
+the cores.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from detectors.base import BatchRunner
 from detectors.presets import PRESETS, build_detector, describe
 from service.artifacts import ArtifactStore
 from service.metrics import ServiceMetrics
@@ -92,8 +99,9 @@ class FitJob:
 class FitJobManager:
     def __init__(self, model: torch.nn.Module, device: torch.device, store: ArtifactStore, slot: DetectorSlot,
                  metrics: ServiceMetrics, *, num_classes: int, feature_layers: tuple[str, ...] | None,
-                 batch_size: int, on_swap=None) -> None:
+                 batch_size: int, on_swap=None, run: BatchRunner | None = None) -> None:
         self.model, self.device, self.store, self.slot, self.metrics = model, device, store, slot, metrics
+        self.run = run  # how each fit batch's model pass runs (None: on the job's own thread)
         self.num_classes, self.feature_layers = num_classes, feature_layers
         self.batch_size, self.on_swap = batch_size, on_swap
         self.jobs: dict[str, FitJob] = {}
@@ -144,7 +152,7 @@ class FitJobManager:
             det = self.build(options)
             cal = None if calibration is None else tuple(torch.from_numpy(a) for a in calibration)
             det.fit(torch.from_numpy(x), torch.from_numpy(y), batch_size=self.batch_size, progress=progress,
-                    calibration=cal)
+                    calibration=cal, run=self.run)
             if self._closing:
                 raise RuntimeError("the service shut down before the detector was saved")
             job.phase = "saving"

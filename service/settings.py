@@ -101,7 +101,8 @@ class Settings(BaseSettings):
         "open to all)"
     )
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (None: torch's default)")
-    fit_batch_size: int = Field(256, ge=1)
+    fit_batch_size: int = Field(256, ge=1, description="rows per model pass of a fit (in the service at most "
+                                "max_batch_rows: fit passes run on the compute worker between request batches)")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     log_level: str = "info"

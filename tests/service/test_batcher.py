@@ -858,3 +858,109 @@ def test_stop_with_drain_computes_the_queue_without_waiting_for_the_delay() -> N
     np.testing.assert_array_equal(second, expected(2, 1))
     assert compute.calls == [[(1, 0, 2), (2, 0, 1)]]
     assert not batcher.running
+
+
+# ----------------------------------------------------------------------------- other work on the worker
+
+
+def test_run_between_runs_on_the_worker_when_no_request_is_queued() -> None:
+    compute = RowSums()
+    with running(compute, max_batch_rows=4, max_delay_s=0.0) as batcher:
+        assert batcher.run_between(lambda: threading.current_thread().name) == "gga-worker"
+        with pytest.raises(KeyError, match="boom"):  # its error reaches the caller, the worker lives on
+            batcher.run_between(lambda: {}["boom"])
+
+        async def main() -> np.ndarray:
+            return await batcher.submit(tagged(1, 2), 2)
+
+        np.testing.assert_array_equal(run(main()), expected(1, 2))
+    # before start and on the worker itself it runs at once, inline
+    idle = DynamicBatcher(RowSums(), max_batch_rows=4, max_queue_rows=8, timeout_s=1.0)
+    assert idle.run_between(lambda: threading.current_thread().name) == threading.current_thread().name
+
+
+def test_run_between_waits_behind_queued_requests() -> None:
+    """Under load a task goes after the queued requests while it has waited less than background_wait_s."""
+    clock = FakeClock()
+    compute = RowSums()
+    with running(compute, clock=clock, max_batch_rows=4, max_delay_s=0.0, background_wait_s=1.0) as batcher:
+        seen: list[int] = []
+
+        async def main() -> None:
+            blocker = spawn(batcher, BLOCKER, 4)
+            await in_thread(lambda: compute.entered.wait(WAIT_S))
+            a, b = spawn(batcher, 2, 4), spawn(batcher, 3, 4)
+            await asyncio.sleep(0)
+            task = asyncio.ensure_future(asyncio.to_thread(
+                batcher.run_between, lambda: seen.append(len(compute.calls))))
+            while not batcher._tasks:  # queued behind a and b, at t=0
+                await asyncio.sleep(0.001)
+            clock.set(0.5)  # it never waits its 1 s on this clock
+            compute.release.set()
+            await asyncio.gather(blocker, a, b, task)
+
+        run(main())
+        assert seen == [3]  # it ran once the queue was empty: after the blocker, a and b
+    assert compute.calls == [[(BLOCKER, 0, 4)], [(2, 0, 4)], [(3, 0, 4)]]
+
+
+def test_run_between_goes_first_once_it_has_waited() -> None:
+    clock = FakeClock()
+    compute = RowSums()
+    with running(compute, clock=clock, max_batch_rows=4, max_delay_s=0.0, background_wait_s=1.0) as batcher:
+        seen: list[int] = []
+
+        async def main() -> None:
+            blocker = spawn(batcher, BLOCKER, 4)
+            await in_thread(lambda: compute.entered.wait(WAIT_S))
+            a = spawn(batcher, 2, 4)
+            await asyncio.sleep(0)
+            task = asyncio.ensure_future(asyncio.to_thread(
+                batcher.run_between, lambda: seen.append(len(compute.calls))))
+            while not batcher._tasks:
+                await asyncio.sleep(0.001)
+            clock.set(1.0)  # the task has waited its 1 s: it goes before a
+            compute.release.set()
+            await blocker
+            await task
+            await a
+
+        run(main())
+        assert seen == [1]  # only the blocker had been computed when the task ran
+    assert compute.calls == [[(BLOCKER, 0, 4)], [(2, 0, 4)]]
+
+
+def test_run_between_fails_when_the_batcher_stops() -> None:
+    compute = RowSums()
+    batcher: DynamicBatcher[np.ndarray, np.ndarray] = DynamicBatcher(
+        compute, max_batch_rows=4, max_queue_rows=8, timeout_s=10.0)
+    batcher.start()
+    errors: list[BaseException] = []
+
+    async def main() -> None:
+        blocker = spawn(batcher, BLOCKER, 4)
+        await in_thread(lambda: compute.entered.wait(WAIT_S))
+        queued = spawn(batcher, 2, 1)
+        await asyncio.sleep(0)
+
+        def waiting_task() -> None:
+            try:
+                batcher.run_between(lambda: None)
+            except BatcherClosedError as exc:
+                errors.append(exc)
+
+        t = threading.Thread(target=waiting_task)
+        t.start()
+        while not batcher._tasks:
+            await asyncio.sleep(0.001)
+        stopping = asyncio.ensure_future(batcher.astop(drain=True, timeout=WAIT_S))
+        await in_thread(lambda: (t.join(WAIT_S), not t.is_alive())[1])  # failed at once, not drained
+        compute.release.set()
+        await blocker
+        np.testing.assert_array_equal(await queued, expected(2, 1))  # requests are drained
+        assert await stopping
+
+    run(main())
+    assert [str(e) for e in errors] == ["batcher stopped before the task ran"]
+    with pytest.raises(BatcherClosedError):
+        batcher.run_between(lambda: None)

@@ -85,6 +85,7 @@ def test_fit_job_lifecycle(tmp_path, mnist_test):
             before = (await c.post("/predict", json={"inputs": probe.tolist()})).json()["predictions"]
 
             # a job that holds the model: a second one gets 409
+            fakes.FORWARDS.clear()
             fakes.GATE.clear()
             try:
                 r = await c.post("/fit", files=upload, headers=AUTH)
@@ -100,6 +101,11 @@ def test_fit_job_lifecycle(tmp_path, mnist_test):
                 fakes.GATE.set()
             job = await _wait(svc, job_id)
             assert job["state"] == "succeeded", job
+            # every model pass of the fit ran on the compute worker, between request batches, in batches of at
+            # most GGA_MAX_BATCH_ROWS (64): 400 rows = 7 passes, each its forward and its probe of the layers
+            threads = {name for name, _ in fakes.FORWARDS}
+            assert threads == {"gga-worker"}, threads
+            assert max(rows for _, rows in fakes.FORWARDS) == 64
             res = job["result"]
             assert res["version"] == "v1" and job["progress"] == {"done": 400, "total": 400}
             assert res["n_samples"] == 400
