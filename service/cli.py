@@ -12,6 +12,7 @@ import logging
 import uvicorn
 
 from service.app import create_app
+from service.protocol import slow_client_protocol
 from service.settings import Settings
 
 
@@ -25,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = Settings(**overrides)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=10)
+                timeout_graceful_shutdown=10, http=slow_client_protocol(settings))
 
 
 if __name__ == "__main__":
