@@ -465,6 +465,15 @@ class DynamicBatcher(Generic[P, R]):
         self._begin_stop(drain)
         return self._join(timeout)
 
+    def close(self, *, drain: bool = False) -> None:
+        """Stop accepting now, without waiting: :meth:`stop` without the join.
+
+        ``drain=True`` keeps computing the queued requests (without the batching delay); a
+        later ``close()`` (or ``stop()``) escalates and fails those still queued with
+        :class:`BatcherClosedError`. Never blocks: safe on the event loop.
+        """
+        self._begin_stop(drain)
+
     async def astop(self, *, drain: bool = False, timeout: float | None = None) -> bool:
         """:meth:`stop` for the event loop: stops accepting at once, joins in a helper thread."""
         self._begin_stop(drain)

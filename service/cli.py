@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 import uvicorn
+from uvicorn.server import STARTUP_FAILURE
 
 from service.app import create_app
 from service.protocol import slow_client_protocol
+from service.server import DrainingServer
 from service.settings import Settings
 
 
@@ -25,8 +28,13 @@ def main(argv: list[str] | None = None) -> None:
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     settings = Settings(**overrides)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=10, http=slow_client_protocol(settings))
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            timeout_graceful_shutdown=settings.shutdown_grace_s, http=slow_client_protocol(settings))
+    server = DrainingServer(config, app)  # SIGTERM: stop admitting, drain the queue, 503 for what is left
+    server.run()
+    if not server.started:  # the lifespan failed (no model, bad settings): as uvicorn.run does
+        sys.exit(STARTUP_FAILURE)
 
 
 if __name__ == "__main__":

@@ -106,6 +106,10 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     log_level: str = "info"
+    shutdown_grace_s: float = Field(
+        10.0, gt=0, description="on SIGTERM: at once stop admitting (503, /readyz 503) and keep computing the queued "
+        "requests; requests still queued shortly before this grace ends get 503; then exit"
+    )
 
     @field_validator("model")
     @classmethod

@@ -6,7 +6,9 @@
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 
 import torch
 
@@ -29,3 +31,19 @@ class GatedMnist(MnistCNN):
 
 def gated_mnist() -> GatedMnist:
     return GatedMnist()
+
+
+class SlowMnist(MnistCNN):
+    """Each forward takes GGA_TEST_FORWARD_S seconds more (for real-server tests in another process)."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(self.seconds)
+        return super().forward(x)
+
+
+def slow_mnist() -> SlowMnist:
+    return SlowMnist(float(os.environ.get("GGA_TEST_FORWARD_S", "0")))
