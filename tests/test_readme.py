@@ -159,3 +159,14 @@ def test_readme_status_codes_are_what_the_service_answers(tmp_path):
         if status == 503:  # Retry-After when the queue is full; none while no detector exists (POST /fit first)
             assert ("retry-after" in r.headers) == (etype == "overloaded"), (words, dict(r.headers))
     assert len(npy_bytes(_sample(n=8))) > LIMIT_BYTES > len(npy_bytes(_sample(n=2)))
+
+
+def test_readme_settings_table_lists_every_setting():
+    """Every field of Settings is a row of the README's settings table, and every row is a field."""
+    text = README.read_text()
+    table = text[text.index("## Settings"):text.index("\n## ", text.index("## Settings") + 1)]
+    rows = set()
+    for line in table.splitlines():
+        if line.startswith("| `GGA_"):
+            rows |= set(re.findall(r"`GGA_([A-Z_]+)`", line.split("|")[1]))
+    assert rows == {name.upper() for name in Settings.model_fields}
