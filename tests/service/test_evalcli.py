@@ -423,8 +423,8 @@ def test_readme_mnist_example(tmp_path):
     section = readme[readme.index("## Evaluating a detector: `gga-eval`"):readme.index("\n## Settings")]
     start = section.index("```bash", section.index("**Example: the bundled MNIST"))
     script = section[start + len("```bash\n"):section.index("\n```", start)]
-    assert script.startswith("D=$(mktemp -d)\n")
-    script = f"D={tmp_path}\n" + script.split("\n", 1)[1]
+    assert script.startswith("M=$(mktemp -d)\n")
+    script = f"M={tmp_path}\n" + script.split("\n", 1)[1]
     script = script.replace("gga-eval ", f"{sys.executable} -m service.evalcli ")
     r = subprocess.run(["bash", "-euc", script], cwd=ROOT, capture_output=True, text=True, timeout=600,
                        env={**os.environ, "GGA_DEVICE": "cpu"})
