@@ -272,6 +272,8 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
             metrics.queue_rows.set_function(lambda: batcher.queued_rows)  # read at each scrape
             metrics.alpha.set_function(  # the served alpha (GGA_ALPHA, else the detector's), read at each scrape
                 lambda: worker.alpha if worker.alpha is not None else getattr(slot.get()[0], "alpha", float("nan")))
+            metrics.calibration_size.set_function(  # the served detector's m (drift alarm's bound), per scrape
+                lambda: getattr(getattr(slot.get()[0], "fit_stats", None), "n_calibration", float("nan")))
             gate = SwapGate(slot, on_swap=metrics.set_detector_version)  # fit jobs and reloads: newest wins
             # everything that runs the model after startup runs on the compute worker, between batches: fit
             # passes (in batches of at most a request batch) and the strategy measurement of a new top-N

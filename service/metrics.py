@@ -35,6 +35,8 @@ class ServiceMetrics:
         self.trust = Histogram("gga_trust", "trust (conformal p-value) of scored rows", buckets=TRUST_BUCKETS,
                                registry=registry)
         self.alpha = Gauge("gga_alpha", "the served alpha: rows are flagged when trust < alpha", registry=registry)
+        self.calibration_size = Gauge("gga_calibration_size", "calibration scores of the served detector: the m of "
+                                      "its conformal p-values", registry=registry)
         self.detector_info = Gauge("gga_detector_info", "the detector version being served (value 1)",
                                    ["version"], registry=registry)
         self.fit_jobs = Counter("gga_fit_jobs", "fit jobs by final state", ["state"], registry=registry)

@@ -1,17 +1,23 @@
 """The drift alarm (README "Drift alarm"): Prometheus rules in docker/prometheus/rules/,
 the same groups as a Kubernetes PrometheusRule, and the Grafana panel's queries.
 
-On in-distribution traffic the k flagged rows among n scored rows are Binomial(n, alpha);
-the alert fires when k/n > alpha + z sqrt(alpha (1 - alpha) / n) with z = 3.09 (one-sided
-0.001 per evaluation, normal approximation) and n alpha >= 10, for 5 minutes.
+On in-distribution traffic the k flagged rows among n scored rows are Binomial(n, q), where
+q, the flag probability the detector's m calibration scores give it, is itself random over
+calibration draws: Beta(c, m + 1 - c) with c = ceil(alpha (m + 1) - 1), mean at most alpha,
+variance about alpha (1 - alpha) / (m + 2). The alert fires when
+k/n > alpha + z sqrt(alpha (1 - alpha) (1/n + 1/m)) with z = 3.09 (one-sided 0.001 per
+evaluation over calibration draws and traffic, normal approximation) and n alpha >= 10,
+for 5 minutes.
 
 Two evaluators check the rules on the same series (docker/prometheus/tests/gga-drift.test.yml):
 ``promtool test rules`` (skipped where promtool is absent; .ci/run installs Debian's
 ``prometheus`` package, which ships it) and a small Python evaluator here, which mirrors
 the pinned rule expressions (``increase`` with Prometheus' extrapolation, the sums by job,
 the bound, the ``for`` state machine) and so tests the logic without promtool. Exact
-numbers: the bound on given counter values, the service's own counters after clean and
-out-of-distribution requests.
+numbers: the bound on given counter values, the exact false-alarm rates (binomial given q,
+beta-binomial over calibration draws, checked by a grid over q and by simulating the
+detector's conformal threshold), the service's own counters and calibration-size gauge
+after clean and out-of-distribution requests.
 """
 
 from __future__ import annotations
@@ -25,7 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
+import torch
 import yaml
 
 from tests.test_docker_files import _compose, _exposed_sample_names, _host_mounts
@@ -51,10 +59,12 @@ ALERT = "GGAFlagRateAboveAlpha"
 # What the Python evaluator implements; a change to the rules must change this too.
 EXPECTED_EXPRS = {
     "gga:alpha": "max by (job) (gga_alpha)",
+    "gga:calibration_size": "max by (job) (gga_calibration_size)",
     "gga:rows:increase15m": "sum by (job) (increase(gga_rows_total[15m]))",
     "gga:flagged:increase15m": "sum by (job) (increase(gga_flagged_total[15m]))",
     "gga:flag_rate:ratio15m": "gga:flagged:increase15m / gga:rows:increase15m",
-    "gga:flag_rate:bound15m": "gga:alpha + 3.09 * sqrt(gga:alpha * (1 - gga:alpha) / gga:rows:increase15m)",
+    "gga:flag_rate:bound15m": "gga:alpha + 3.09 * sqrt(gga:alpha * (1 - gga:alpha) * (1 / gga:rows:increase15m"
+                              " + 1 / gga:calibration_size))",
     ALERT: "gga:flag_rate:ratio15m > gga:flag_rate:bound15m and gga:rows:increase15m * gga:alpha >= 10",
 }
 
@@ -62,16 +72,22 @@ EXPECTED_EXPRS = {
 # --- the rule logic in Python ------------------------------------------------------------
 
 
-def bound(alpha: float, n: float, z: float = Z) -> float:
-    """gga:flag_rate:bound15m: the largest in-distribution flag rate at the stated false-alarm rate."""
-    return alpha + z * math.sqrt(alpha * (1 - alpha) / n) if n > 0 else math.inf
+def bound(alpha: float, n: float, m: float, z: float = Z) -> float:
+    """gga:flag_rate:bound15m on n scored rows and m calibration scores: the largest in-distribution
+    flag rate at the stated false-alarm rate (the same float operations, in the same order, as PromQL)."""
+    return alpha + z * math.sqrt(alpha * (1 - alpha) * (1 / n + 1 / m)) if n > 0 else math.inf
 
 
-def alarm(alpha: float, n: float, k: float) -> bool:
-    """The GGAFlagRateAboveAlpha condition (before its ``for``) on n scored, k flagged rows."""
+def old_bound(alpha: float, n: float, z: float = Z) -> float:
+    """The bound before the calibration term: traffic's randomness only."""
+    return alpha + z * math.sqrt(alpha * (1 - alpha) / n)
+
+
+def alarm(alpha: float, n: float, k: float, m: float) -> bool:
+    """The GGAFlagRateAboveAlpha condition (before its ``for``) on n scored, k flagged rows, m calibration scores."""
     if n <= 0:
         return False  # 0/0 is NaN in PromQL: no comparison holds
-    return k / n > bound(alpha, n) and n * alpha >= MIN_EXPECTED_FLAGS
+    return k / n > bound(alpha, n, m) and n * alpha >= MIN_EXPECTED_FLAGS
 
 
 def _normal_upper_tail(z: float) -> float:
@@ -85,10 +101,55 @@ def _binomial_upper_tail(n: int, p: float, k: int) -> float:
     return math.fsum(math.exp(v) for v in log_pmf)
 
 
-def _false_alarm_exact(n: int, alpha: float) -> float:
-    """P(alarm) per evaluation for Binomial(n, alpha) flags: P(K > bound * n)."""
-    first = math.floor(bound(alpha, n) * n) + 1  # smallest k with k / n > bound
-    return _binomial_upper_tail(n, alpha, first)
+def _first_alarm(n: int, bound_value: float) -> int:
+    """The smallest k with k / n > bound_value."""
+    return math.floor(bound_value * n) + 1
+
+
+def _flag_probability_law(alpha: float, m: int) -> tuple[int, int]:
+    """(a, b) of the Beta law of q, the in-distribution flag probability, over draws of m calibration scores.
+
+    detectors.calibration: trust < alpha iff the score is above the c-th largest of the m calibration
+    scores, c = ceil(alpha (m + 1) - 1); for continuous scores q = 1 - F(that score), the c-th largest
+    of m uniforms subtracted from 1: Beta(c, m + 1 - c), mean c / (m + 1) <= alpha (ties only lower q).
+    """
+    c = math.ceil(alpha * (m + 1) - 1 - 1e-12)  # as conformal_threshold
+    return c, m + 1 - c
+
+
+def _beta_binomial_upper_tail(n: int, a: float, b: float, k: int) -> float:
+    """P(K >= k) for K ~ Binomial(n, q), q ~ Beta(a, b): exact up to float rounding (terms in log space)."""
+    log_beta = math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
+    log_pmf = (math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + math.lgamma(i + a)
+               + math.lgamma(n - i + b) - math.lgamma(n + a + b) - log_beta for i in range(k, n + 1))
+    return math.fsum(math.exp(v) for v in log_pmf)
+
+
+def _false_alarm_given_q(n: int, q: float, bound_value: float) -> float:
+    """P(alarm) per evaluation for a detector whose flag probability is q: P(K > bound * n), K ~ Binomial(n, q)."""
+    return _binomial_upper_tail(n, q, _first_alarm(n, bound_value))
+
+
+def _false_alarm_marginal(n: int, alpha: float, m: int, bound_value: float) -> float:
+    """P(alarm) per evaluation over calibration draws (q ~ its Beta law) and traffic: a beta-binomial tail."""
+    return _beta_binomial_upper_tail(n, *_flag_probability_law(alpha, m), _first_alarm(n, bound_value))
+
+
+def _false_alarm_marginal_grid(n: int, alpha: float, m: int, bound_value: float, points: int = 2001) -> float:
+    """The same integral over q done numerically: the Beta density times the binomial tail on a grid
+    of q (trapezoids, +-12 sd around alpha), numpy only."""
+    a, b = _flag_probability_law(alpha, m)
+    sd = math.sqrt(a * b / ((a + b) ** 2 * (a + b + 1)))
+    q = np.linspace(max(alpha - 12 * sd, 1e-9), alpha + 12 * sd, points)
+    log_density = (a - 1) * np.log(q) + (b - 1) * np.log1p(-q) - (math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b))
+    ks = np.arange(_first_alarm(n, bound_value), n + 1)
+    log_choose = np.array([math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) for k in ks])
+    tail = np.empty_like(q)
+    for lo in range(0, points, 250):  # bounded memory: 250 q values at a time
+        qs = q[lo:lo + 250, None]
+        tail[lo:lo + 250] = np.exp(log_choose + ks * np.log(qs) + (n - ks) * np.log1p(-qs)).sum(axis=1)
+    f = np.exp(log_density) * tail
+    return float(np.sum((f[1:] + f[:-1]) * np.diff(q)) / 2)  # trapezoids (np.trapezoid needs numpy 2)
 
 
 # --- a small evaluator of the rules on promtool's input series ----------------------------
@@ -177,11 +238,14 @@ def evaluate(series: list[Series], t: float) -> dict[str, dict[str, float]]:
     for job in jobs:
         mine = [s for s in series if s.labels["job"] == job]
         alphas = [v for s in mine if s.name == "gga_alpha" if (v := _instant(s.samples, t)) is not None]
+        sizes = [v for s in mine if s.name == "gga_calibration_size" if (v := _instant(s.samples, t)) is not None]
         rows = [v for s in mine if s.name == "gga_rows_total" if (v := _increase(s.samples, t, WINDOW_S)) is not None]
         flags = [v for s in mine if s.name == "gga_flagged_total"
                  if (v := _increase(s.samples, t, WINDOW_S)) is not None]
         if alphas:
             out["gga:alpha"][job] = max(alphas)
+        if sizes:
+            out["gga:calibration_size"][job] = max(sizes)
         if rows:
             out["gga:rows:increase15m"][job] = math.fsum(rows)
         if flags:
@@ -189,10 +253,10 @@ def evaluate(series: list[Series], t: float) -> dict[str, dict[str, float]]:
         if rows and flags:
             n, k = out["gga:rows:increase15m"][job], out["gga:flagged:increase15m"][job]
             out["gga:flag_rate:ratio15m"][job] = k / n if n else (math.nan if k == 0 else math.inf)
-            if alphas:
-                a = out["gga:alpha"][job]
-                out["gga:flag_rate:bound15m"][job] = bound(a, n)
-                if alarm(a, n, k):
+            if alphas and sizes:  # no gga_calibration_size: no bound, no alert
+                a, m = out["gga:alpha"][job], out["gga:calibration_size"][job]
+                out["gga:flag_rate:bound15m"][job] = bound(a, n, m)
+                if alarm(a, n, k, m):
                     out[ALERT][job] = out["gga:flag_rate:ratio15m"][job]
     return out
 
@@ -254,7 +318,7 @@ def test_the_rules_are_the_pinned_expressions_in_dependency_order():
 
 def test_the_rules_read_only_metrics_the_service_exposes():
     exposed = _exposed_sample_names()
-    assert "gga_alpha" in exposed
+    assert {"gga_alpha", "gga_calibration_size"} <= exposed
     for name, rule in _rules().items():
         unknown = set(re.findall(r"gga_[a-z_]+", rule["expr"])) - exposed
         assert not unknown, f"{name} reads {sorted(unknown)}, which the service does not expose"
@@ -293,36 +357,117 @@ def test_z_is_the_one_sided_normal_quantile_of_the_stated_false_alarm_rate():
 
 
 def test_bound_on_recorded_counter_values():
-    # two scrapes 15 minutes apart: rows 1000 -> 2500, flagged 50 -> k
+    # two scrapes 15 minutes apart: rows 1000 -> 2500, flagged 50 -> k; the bundled detector's m = 6000
     n = 2500 - 1000
-    assert bound(0.05, n) == 0.05 + 3.09 * math.sqrt(0.05 * 0.95 / 1500) == 0.06738840130661816
-    assert bound(0.05, n) * n == pytest.approx(101.0826, abs=1e-4)
-    assert not alarm(0.05, n, 125 - 50)  # 5.0%: alpha itself
-    assert not alarm(0.05, n, 151 - 50)  # 101 flags, 6.73%: inside the bound
-    assert alarm(0.05, n, 152 - 50)  # 102 flags, 6.80%: above
+    assert bound(0.05, n, 6000) == 0.05 + 3.09 * math.sqrt(0.05 * 0.95 * (1 / 1500 + 1 / 6000)) == 0.06944082367082219
+    assert bound(0.05, n, 6000) * n == pytest.approx(104.1612, abs=1e-4)
+    assert not alarm(0.05, n, 125 - 50, 6000)  # 5.0%: alpha itself
+    assert not alarm(0.05, n, 152 - 50, 6000)  # 102 flags, 6.80%: above the old bound (101.08 flags), inside this one
+    assert not alarm(0.05, n, 154 - 50, 6000)  # 104 flags, 6.93%: inside
+    assert alarm(0.05, n, 155 - 50, 6000)  # 105 flags, 7.00%: above
+    assert old_bound(0.05, n) * n == pytest.approx(101.0826, abs=1e-4)
+    # a smaller calibration set, a wider bound: m = 1000 allows 116 flags of 1500
+    assert bound(0.05, n, 1000) == 0.07749347649898063
+    assert not alarm(0.05, n, 116, 1000) and alarm(0.05, n, 117, 1000)
     # alpha 0.01: the bound is relative to the served alpha
-    assert bound(0.01, 1500) == pytest.approx(0.017938, abs=1e-6)
-    assert not alarm(0.01, 1500, 26) and alarm(0.01, 1500, 27)
+    assert bound(0.01, 1500, 6000) == pytest.approx(0.018875, abs=1e-6)
+    assert not alarm(0.01, 1500, 28, 6000) and alarm(0.01, 1500, 29, 6000)
+
+
+def test_the_bound_stays_above_the_calibration_floor():
+    # with n -> infinity only the calibration term is left: alpha + 3.09 sqrt(alpha (1 - alpha) / m)
+    assert bound(0.05, 1e12, 6000) == pytest.approx(0.058694, abs=1e-6)  # README: 5.87%
+    assert bound(0.05, 1e12, 1000) == pytest.approx(0.071296, abs=1e-6)  # 7.13%
+    # it falls with n towards that floor, which lies above the old bound at such traffic (7.25% > 7.13% > 5.71%)
+    assert bound(0.05, 9000, 1000) > bound(0.05, 1e12, 1000) > old_bound(0.05, 9000)
+    # no detector: m is NaN, so is the bound, and no comparison holds
+    assert math.isnan(bound(0.05, 1500, math.nan)) and not alarm(0.05, 1500, 1500, math.nan)
 
 
 def test_too_few_rows_never_alarm():
     # n alpha >= 10: 200 rows at alpha 0.05, 1000 at alpha 0.01
-    assert not alarm(0.05, 199, 199) and alarm(0.05, 200, 40)
-    assert not alarm(0.01, 999, 999) and alarm(0.01, 1000, 40)
-    assert not alarm(0.05, 0, 0)
-    assert bound(0.05, 200) == pytest.approx(0.097620, abs=1e-6)  # at the smallest n: flag rate > 9.76%
+    assert not alarm(0.05, 199, 199, 6000) and alarm(0.05, 200, 40, 6000)
+    assert not alarm(0.01, 999, 999, 6000) and alarm(0.01, 1000, 40, 6000)
+    assert not alarm(0.05, 0, 0, 6000)
+    assert bound(0.05, 200, 6000) == pytest.approx(0.098407, abs=1e-6)  # at the smallest n: flag rate > 9.84%
+    assert _first_alarm(200, bound(0.05, 200, 6000)) == 20
 
 
-def test_false_alarm_rate_exact_binomial():
-    """The normal approximation's 0.001 against the exact binomial tail (README numbers)."""
-    exact = {n: _false_alarm_exact(n, 0.05) for n in (200, 1000, 20000)}
-    assert exact[200] == pytest.approx(0.0027, abs=5e-5)  # fires at k >= 20 of 200
-    assert exact[1000] == pytest.approx(0.0015, abs=5e-5)
-    assert exact[20000] == pytest.approx(0.0011, abs=5e-5)
-    assert _false_alarm_exact(1000, 0.01) == pytest.approx(0.0033, abs=5e-5)
-    # conformal flags are at most alpha: a true flag rate below alpha alarms even less
-    first = math.floor(bound(0.05, 1000) * 1000) + 1
-    assert _binomial_upper_tail(1000, 0.045, first) < _false_alarm_exact(1000, 0.05) / 3
+def test_flag_probability_of_a_calibration_draw_is_the_stated_beta():
+    """q, the flag probability a calibration set of m scores gives in-distribution rows, simulated
+    with the detector's own conformal_threshold on uniform scores, against Beta(c, m + 1 - c)."""
+    from detectors.calibration import conformal_threshold
+
+    alpha, m, draws = 0.05, 1000, 4000
+    a, b = _flag_probability_law(alpha, m)
+    assert (a, b) == (50, 951)
+    mean, sd = a / (a + b), math.sqrt(a * b / ((a + b) ** 2 * (a + b + 1)))
+    assert mean == 50 / 1001 and sd == pytest.approx(0.0068819, abs=1e-7)
+    assert sd == pytest.approx(math.sqrt(alpha * (1 - alpha) / (m + 2)), rel=1e-3)  # 0.0068851
+    scores = torch.sort(torch.rand((draws, m), generator=torch.Generator().manual_seed(0), dtype=torch.float64)).values
+    q = torch.tensor([1 - conformal_threshold(row, alpha) for row in scores], dtype=torch.float64)
+    assert abs(float(q.mean()) - mean) < 3 * sd / math.sqrt(draws)
+    assert float(q.std()) == pytest.approx(sd, rel=0.05)
+    # the Beta is skewed right: more draws land 2 sd high than 2 sd low
+    assert int((q > mean + 2 * sd).sum()) > int((q < mean - 2 * sd).sum())
+
+
+def test_calibration_randomness_breaks_the_old_bound_and_the_new_one_accounts_for_it():
+    """m = 1000 calibration scores, n = 9000 rows per window (10 rows/s), alpha = 0.05: the calibration's
+    sd of the flag rate (0.0069) is three times the traffic's (0.0023)."""
+    alpha, n, m = 0.05, 9000, 1000
+    assert math.sqrt(alpha * (1 - alpha) / (m + 2)) == pytest.approx(0.006885, abs=1e-6)
+    assert math.sqrt(alpha * (1 - alpha) / n) == pytest.approx(0.002297, abs=1e-6)
+    old, new = old_bound(alpha, n), bound(alpha, n, m)
+    assert (old, _first_alarm(n, old)) == (0.057098785107326466, 514)
+    assert (new, _first_alarm(n, new)) == (0.07244832955923447, 653)
+
+    # a detector whose calibration landed one sd high: q = 5.69% on clean traffic
+    q = alpha + math.sqrt(alpha * (1 - alpha) / (m + 2))
+    assert q == pytest.approx(0.056885, abs=1e-6)
+    given_old, given_new = _false_alarm_given_q(n, q, old), _false_alarm_given_q(n, q, new)
+    assert given_old == pytest.approx(0.46952, abs=1e-5)  # the old bound: clean traffic alarms at ~half the evaluations
+    assert given_new == pytest.approx(3.758e-10, rel=1e-3)
+    # a detector exactly at alpha: the price is sensitivity, the bound sits far above its traffic's noise
+    assert _false_alarm_given_q(n, alpha, old) == pytest.approx(0.0012908, abs=1e-7)
+    assert _false_alarm_given_q(n, alpha, new) == pytest.approx(1.610e-20, rel=1e-3)
+
+    # over calibration draws and traffic (the rate the bound states): exact beta-binomial, and a grid over q
+    marginal_old = _false_alarm_marginal(n, alpha, m, old)
+    marginal_new = _false_alarm_marginal(n, alpha, m, new)
+    assert marginal_old == pytest.approx(0.16276, abs=1e-5)  # 163 times the stated 0.001
+    assert marginal_new == pytest.approx(0.0024716, abs=1e-7)  # 2.5 times it: the skewed Beta and binomial tails
+    assert 0.001 < marginal_new < 0.0025 and marginal_old > 60 * marginal_new
+    assert _false_alarm_marginal_grid(n, alpha, m, old) == pytest.approx(marginal_old, rel=1e-8)
+    assert _false_alarm_marginal_grid(n, alpha, m, new) == pytest.approx(marginal_new, rel=1e-8)
+
+
+def test_false_alarm_rate_exact():
+    """The normal approximation's 0.001 against the exact rates over calibration draws and traffic
+    (beta-binomial; README numbers), and given q = alpha (binomial)."""
+    def marginal(n, alpha, m):
+        return _false_alarm_marginal(n, alpha, m, bound(alpha, n, m))
+
+    # the bundled detector's m = 6000 at alpha = 0.05
+    assert marginal(200, 0.05, 6000) == pytest.approx(0.0031, abs=5e-5)  # fires at k >= 20 of 200
+    assert marginal(1000, 0.05, 6000) == pytest.approx(0.0015, abs=5e-5)
+    assert marginal(9000, 0.05, 6000) == pytest.approx(0.0015, abs=5e-5)
+    assert marginal(20000, 0.05, 6000) == pytest.approx(0.0015, abs=5e-5)
+    assert marginal(60000, 0.05, 6000) == pytest.approx(0.0015, abs=5e-5)
+    assert marginal(1000, 0.01, 6000) == pytest.approx(0.0034, abs=5e-5)
+    # alpha m = 50 and 10: the Beta's skew grows as alpha m shrinks
+    assert marginal(9000, 0.05, 1000) == pytest.approx(0.0025, abs=5e-5)
+    assert marginal(9000, 0.01, 1000) == pytest.approx(0.0054, abs=5e-5)
+    # the old bound over calibration draws at m = 6000: fine at small n, not at large n
+    assert _false_alarm_marginal(1000, 0.05, 6000, old_bound(0.05, 1000)) == pytest.approx(0.0032, abs=5e-5)
+    assert _false_alarm_marginal(9000, 0.05, 6000, old_bound(0.05, 9000)) == pytest.approx(0.0288, abs=5e-5)
+    assert _false_alarm_marginal(60000, 0.05, 6000, old_bound(0.05, 60000)) == pytest.approx(0.175, abs=5e-4)
+    # given q = alpha: below the marginal rate (q varies around alpha; this detector's did not)
+    assert _false_alarm_given_q(200, 0.05, bound(0.05, 200, 6000)) == pytest.approx(0.0027, abs=5e-5)
+    assert _false_alarm_given_q(1000, 0.05, bound(0.05, 1000, 6000)) == pytest.approx(0.00065, abs=5e-6)
+    # a true flag rate below alpha alarms even less
+    assert _false_alarm_given_q(1000, 0.045, bound(0.05, 1000, 6000)) < \
+        _false_alarm_given_q(1000, 0.05, bound(0.05, 1000, 6000)) / 3
 
 
 # --- the scenarios of the promtool test, in Python --------------------------------------------
@@ -363,7 +508,8 @@ def test_python_evaluator_agrees_with_the_promtool_expectations():
 
 def test_drift_scenario_timeline():
     """The drift job's 15-minute flag rate is 0.05 + t/150, t minutes into the drift (minute 30):
-    over the bound from t = 3, firing from t = 8 (for: 5m); steady, within, restart, quiet never."""
+    over its bound 7.75% (m = 1000) from t = 5, firing from t = 10 (for: 5m); steady, within,
+    restart, quiet never. The within job's 7% is above the bound without the calibration term."""
     (test,) = _promtool_test()["tests"]
     series = _load_series(test)
     onset = None
@@ -371,15 +517,22 @@ def test_drift_scenario_timeline():
         rules = evaluate(series, minute * 60.0)
         if minute >= 15:
             assert rules["gga:flag_rate:ratio15m"]["steady"] == 0.05
+            assert rules["gga:flag_rate:ratio15m"]["within"] == 0.07
+            assert old_bound(0.05, 1500) < 0.07 < rules["gga:flag_rate:bound15m"]["within"] == bound(0.05, 1500, 1000)
             assert rules["gga:rows:increase15m"]["restart"] == 1500  # across the counter reset too
         if 30 <= minute <= 45:
             assert rules["gga:flag_rate:ratio15m"]["drift"] == pytest.approx(0.05 + (minute - 30) / 150, abs=1e-15)
         if onset is None and "drift" in rules[ALERT]:
             onset = minute
         assert set(rules[ALERT]) <= {"drift"}
-    assert onset == 33
-    assert firing(series, 37 * 60.0, 60.0) == {}
-    assert set(firing(series, 38 * 60.0, 60.0)) == {"drift"}
+    assert onset == 35
+    assert firing(series, 39 * 60.0, 60.0) == {}
+    assert set(firing(series, 40 * 60.0, 60.0)) == {"drift"}
+    # with the bundled detector's m = 6000 (bound 6.94%) the same drift passes at t = 3 and fires at t = 8
+    for m_series in (s for s in series if s.name == "gga_calibration_size" and s.labels["job"] == "drift"):
+        m_series.samples = [(ts, 6000.0) for ts, _ in m_series.samples]
+    assert "drift" not in evaluate(series, 32 * 60.0)[ALERT] and "drift" in evaluate(series, 33 * 60.0)[ALERT]
+    assert firing(series, 37 * 60.0, 60.0) == {} and set(firing(series, 38 * 60.0, 60.0)) == {"drift"}
 
 
 # --- promtool -----------------------------------------------------------------------------------
@@ -407,7 +560,7 @@ def test_promtool_checks_the_prometheus_config_with_its_rules(tmp_path):
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     done = _promtool("check", "config", str(tmp_path / "prometheus.yml"))
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "6 rules found" in done.stdout + done.stderr
+    assert "7 rules found" in done.stdout + done.stderr
 
 
 @needs_promtool
@@ -419,7 +572,9 @@ def test_promtool_unit_test_of_the_rules():
 
 @needs_promtool
 @pytest.mark.parametrize(("old", "new"), [
-    ("3.09 *", "2 *"),  # a lower z: the drift alarms before minute 38
+    ("3.09 *", "2 *"),  # a lower z: the drift alarms before minute 40
+    (" + 1 / gga:calibration_size", ""),  # no calibration term: the within job (7%) alarms, the drift at minute 38
+    ("(gga_calibration_size)", "(gga_calibration_size) * 6"),  # m 6 times larger: within alarms, drift at 38
     ("for: 5m", "for: 4m"),
     (">= 10", ">= 7"),  # the quiet job (7.5 expected flags) alarms
     ("[15m]", "[10m]"),
@@ -443,8 +598,9 @@ MNIST = ROOT.parent / "shared" / "data"
 
 @pytest.mark.slow
 def test_alarm_on_the_service_counters_clean_then_out_of_distribution(tmp_path):
-    """gga_alpha is the served alpha; the counters of clean MNIST digits stay inside the bound,
-    those of Fashion-MNIST images (out of distribution) go above it."""
+    """gga_alpha is the served alpha and gga_calibration_size the served detector's m; the counters
+    of clean MNIST digits stay inside the bound, those of Fashion-MNIST images (out of distribution)
+    go above it."""
     from detectors.datasets import load_idx_split
     from service.worker import DetectorSlot
     from tests.service.conftest import Running, make_settings, npy_bytes, run
@@ -455,7 +611,8 @@ def test_alarm_on_the_service_counters_clean_then_out_of_distribution(tmp_path):
     fashion = load_idx_split(MNIST / "fashion_mnist", "t10k")[0][:200]
 
     def counters(m):
-        return m[("gga_alpha", ())], m[("gga_rows_total", ())], m[("gga_flagged_total", ())]
+        return (m[("gga_alpha", ())], m[("gga_calibration_size", ())], m[("gga_rows_total", ())],
+                m[("gga_flagged_total", ())])
 
     async def go(settings, batches):
         async with Running(settings) as svc:
@@ -468,12 +625,13 @@ def test_alarm_on_the_service_counters_clean_then_out_of_distribution(tmp_path):
             return seen
 
     seen = run(go(make_settings(tmp_path), [clean, fashion]))
-    (alpha, n0, k0), (_, n1, k1), (_, n2, k2) = seen
+    (alpha, m, n0, k0), (_, _, n1, k1), (_, _, n2, k2) = seen
     assert alpha == 0.05  # the bundled detector's alpha
     assert (n0, k0) == (0, 0) and n1 - n0 == 400 and n2 - n1 == 200
-    assert not alarm(alpha, n1 - n0, k1 - k0), f"clean digits: {k1 - k0} of 400 flagged"
-    assert (k1 - k0) / 400 <= bound(alpha, 400)
-    assert alarm(alpha, n2 - n1, k2 - k1), f"Fashion-MNIST: {k2 - k1} of 200 flagged"
+    assert m == 6000  # gga_calibration_size: the bundled detector's 6,000 held-out validation images
+    assert not alarm(alpha, n1 - n0, k1 - k0, m), f"clean digits: {k1 - k0} of 400 flagged"
+    assert (k1 - k0) / 400 <= bound(alpha, 400, m)
+    assert alarm(alpha, n2 - n1, k2 - k1, m), f"Fashion-MNIST: {k2 - k1} of 200 flagged"
 
     (alpha, *_), = run(go(make_settings(tmp_path, alpha=0.1), []))
     assert alpha == 0.1  # GGA_ALPHA overrides the detector's
@@ -481,10 +639,17 @@ def test_alarm_on_the_service_counters_clean_then_out_of_distribution(tmp_path):
     async def swapped():
         async with Running(make_settings(tmp_path)) as svc:
             detector, _ = svc.app.state.slot.get()
-            DetectorSlot.swap(svc.app.state.slot, SimpleNamespace(alpha=0.2), "v9")  # as a fit with alpha 0.2
-            try:
-                return counters(await svc.metrics())[0]
-            finally:
-                DetectorSlot.swap(svc.app.state.slot, detector, "v0")
+            seen = []
+            # as a fit with alpha 0.2 on 500 calibration scores, then a detector without fit_stats
+            for new in (SimpleNamespace(alpha=0.2, fit_stats=SimpleNamespace(n_calibration=500)),
+                        SimpleNamespace(alpha=0.2)):
+                DetectorSlot.swap(svc.app.state.slot, new, "v9")
+                try:
+                    seen.append(counters(await svc.metrics())[:2])
+                finally:
+                    DetectorSlot.swap(svc.app.state.slot, detector, "v0")
+            return seen
 
-    assert run(swapped()) == 0.2  # read at each scrape: follows the served detector
+    (alpha, m), (alpha2, m2) = run(swapped())
+    assert (alpha, m) == (0.2, 500)  # read at each scrape: follows the served detector
+    assert alpha2 == 0.2 and math.isnan(m2)  # no n_calibration: NaN, so no bound and no alert
