@@ -99,14 +99,8 @@ def decode_json_inputs(doc: dict, input_shape: tuple[int, ...]) -> np.ndarray:
     return validate_batch(arr, input_shape)
 
 
-def read_npy(fp: BinaryIO, size: int, name: str = "body", limit: int | None = None) -> np.ndarray:
-    """One .npy array read from ``fp``, which holds ``size`` bytes from its current position.
-
-    The header is checked before any data is allocated: object arrays (pickles) are
-    refused, the data the header declares must be present in the ``size`` bytes (400
-    otherwise, so a tiny file cannot make numpy allocate gigabytes) and, with ``limit``,
-    must not exceed ``limit`` bytes (413).
-    """
+def _read_npy_header(fp: BinaryIO, size: int, name: str, limit: int | None) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """The checked header of the .npy array at ``fp`` (left just past the header): see :func:`read_npy`."""
     start = fp.tell()
     version = np.lib.format.read_magic(fp)
     if version == (1, 0):
@@ -117,15 +111,71 @@ def read_npy(fp: BinaryIO, size: int, name: str = "body", limit: int | None = No
         raise ValueError(f".npy format version {version} is not supported (use numpy.save: 1.0 or 2.0)")
     if dtype.hasobject:
         raise ValueError("object arrays are refused (they would need pickle)")
+    _check_npy_size(shape, dtype, size - (fp.tell() - start), name, limit)
+    return shape, fortran, dtype
+
+
+def _check_npy_size(shape: tuple[int, ...], dtype: np.dtype, held: int, name: str, limit: int | None) -> int:
     nbytes = math.prod(shape) * dtype.itemsize
     if limit is not None and nbytes > limit:
         raise ApiError(413, "payload_too_large", f"{name} declares an array of {nbytes} bytes; the limit is "
                        f"{limit} bytes")
-    held = size - (fp.tell() - start)
     if nbytes > held:
         raise ValueError(f"the header declares {shape} {dtype} ({nbytes} bytes) but only {held} bytes of data follow")
+    return nbytes
+
+
+def read_npy(fp: BinaryIO, size: int, name: str = "body", limit: int | None = None) -> np.ndarray:
+    """One .npy array read from ``fp``, which holds ``size`` bytes from its current position.
+
+    The header is checked before any data is allocated: object arrays (pickles) are
+    refused, the data the header declares must be present in the ``size`` bytes (400
+    otherwise, so a tiny file cannot make numpy allocate gigabytes) and, with ``limit``,
+    must not exceed ``limit`` bytes (413).
+    """
+    start = fp.tell()
+    _read_npy_header(fp, size, name, limit)
     fp.seek(start)
     return np.lib.format.read_array(fp, allow_pickle=False)
+
+
+# Request bodies of one client repeat the same .npy header (same shape and dtype), and numpy parses
+# it with ast.literal_eval, twice per read_array: the profile (benchmarks/results/profile.md) put
+# that at a quarter of the event loop's time per request. Headers that passed every check are kept
+# here by their exact bytes (bounded; cleared when full), so a repeated header costs a dict lookup.
+_NPY_HEADERS: dict[bytes, tuple[int, tuple[int, ...], bool, np.dtype]] = {}
+_NPY_HEADERS_MAX = 256
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+def _npy_header_end(body: bytes) -> int | None:
+    """Where the data of a version 1.0 or 2.0 .npy body starts per its header length field, else None."""
+    if len(body) < 12 or not body.startswith(_NPY_MAGIC):
+        return None
+    if body[6:8] == b"\x01\x00":
+        return 10 + int.from_bytes(body[8:10], "little")
+    if body[6:8] == b"\x02\x00":
+        return 12 + int.from_bytes(body[8:12], "little")
+    return None
+
+
+def read_npy_bytes(body: bytes) -> np.ndarray:
+    """:func:`read_npy` of a whole body held in memory (the same checks, errors and result: a new,
+    writable array); a header seen before is not parsed again."""
+    end = _npy_header_end(body)
+    known = _NPY_HEADERS.get(body[:end]) if end is not None else None
+    if known is None:
+        fp = io.BytesIO(body)
+        shape, fortran, dtype = _read_npy_header(fp, len(body), "body", None)
+        known = (fp.tell(), shape, fortran, dtype)
+        if end == known[0]:  # the header's own length field: the key is exactly the header
+            if len(_NPY_HEADERS) >= _NPY_HEADERS_MAX:
+                _NPY_HEADERS.clear()
+            _NPY_HEADERS[body[:end]] = known
+    offset, shape, fortran, dtype = known
+    _check_npy_size(shape, dtype, len(body) - offset, "body", None)
+    arr = np.frombuffer(body, dtype=dtype, count=math.prod(shape), offset=offset).copy()
+    return arr.reshape(shape[::-1]).transpose() if fortran else arr.reshape(shape)
 
 
 def decode_npy(body: bytes, input_shape: tuple[int, ...]) -> np.ndarray:
@@ -134,7 +184,7 @@ def decode_npy(body: bytes, input_shape: tuple[int, ...]) -> np.ndarray:
     if body.startswith(b"PK"):
         raise ApiError(400, "malformed_npy", "expected a single .npy array, not an .npz archive")
     try:
-        arr = read_npy(io.BytesIO(body), len(body))
+        arr = read_npy_bytes(body)
     except ApiError:
         raise
     except Exception as exc:  # noqa: BLE001 - numpy raises several types for a bad header
