@@ -291,6 +291,10 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
             if detector is not None:  # warm-up: the first request should not pay for lazy init
                 detector.score(torch.zeros((1, *card.input_shape), device=device))
             batcher.start()
+            # the compute worker runs torch with the process's thread count: a thread's OpenMP setting can differ
+            # from the one set on the main thread, which would skew both the compute and the strategy cache's key
+            threads = torch.get_num_threads()
+            batcher.run_between(lambda: torch.set_num_threads(threads))
             watcher.start()
             app.state.ready = True
             log.info("serving %s on %s, detector %s", card.name, device, version)
