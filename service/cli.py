@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            timeout_graceful_shutdown=settings.shutdown_grace_s, http=slow_client_protocol(settings))
+                            timeout_graceful_shutdown=settings.shutdown_grace_s,
+                            http=slow_client_protocol(settings, app))  # read timeouts, shedding before parsing
     server = DrainingServer(config, app)  # SIGTERM: stop admitting, drain the queue, 503 for what is left
     server.run()
     if not server.started:  # the lifespan failed (no model, bad settings): as uvicorn.run does

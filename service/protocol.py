@@ -40,6 +40,15 @@ closes (at most ``LINGER_S``, 2 s). Closing at once would make the kernel answer
 bytes of a client that is still sending with a reset, which can destroy the 408 before the
 client reads it.
 
+**Shedding before parsing.** Under overload most requests are refused, and each refusal
+costs the event loop, which shares the cores with the model. When the service says it
+admits nothing now (``shed()``: the queue is full, or its estimated wait is over the
+bound), a new request whose first bytes are ``POST /predict`` is answered with a
+prepared 503 envelope (``Retry-After: 1``, ``Connection: close``) straight from
+``data_received``: no h11 parsing, no routing, no middleware. It is counted like any
+response (``on_shed``). Every other request (probes, ``/metrics``, ``/info``) goes the
+normal way.
+
 Neither timer bounds the app's own processing time (``request_timeout_s`` does that for
 the queue) nor a client reading the response slowly.
 """
@@ -93,6 +102,8 @@ class SlowClientH11Protocol(H11Protocol):
 
     header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
+    shed: Callable[[], bool] | None = None  # True: a new POST /predict is refused before parsing
+    on_shed: Callable[[], None] | None = None  # counts a request refused so
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -111,8 +122,28 @@ class SlowClientH11Protocol(H11Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._lingering:
-            return  # after the 408: the client's bytes are discarded
+            return  # after the 408 (or a shed 503): the client's bytes are discarded
+        if self.shed is not None and self._starts_predict(data) and self.shed():
+            self._shed_now()
+            return
         super().data_received(data)
+
+    def _starts_predict(self, data: bytes) -> bool:
+        """The first bytes of a new request, and that request is ``POST /predict``."""
+        return (data[:13] == b"POST /predict" and data[13:14] in (b" ", b"?")
+                and self.conn.their_state is h11.IDLE and self.conn.our_state is h11.IDLE
+                and not self.conn.trailing_data[0] and (self.cycle is None or self.cycle.response_complete))
+
+    def _shed_now(self) -> None:
+        """The prepared 503, then the same graceful close as after a 408."""
+        self._unset_keepalive_if_required()
+        if self.on_shed is not None:
+            try:
+                self.on_shed()
+            except Exception:  # noqa: BLE001 - counting must never break the answer
+                log.exception("counting a shed request failed")
+        self.transport.write(SHED_RESPONSE)
+        self._linger_close()
 
     def handle_events(self) -> None:
         # Called by data_received (bytes arrived, the keep-alive timer already cancelled) and
@@ -222,6 +253,10 @@ class SlowClientH11Protocol(H11Protocol):
             self.transport.close()
             return
         self.transport.write(data)
+        self._linger_close()
+
+    def _linger_close(self) -> None:
+        """Close after an answer the client may still be sending into (a 408, a shed 503)."""
         if not self.transport.can_write_eof():  # TLS: no half-close
             self.transport.close()
             return
@@ -235,11 +270,36 @@ class SlowClientH11Protocol(H11Protocol):
         self._linger_timer = self.loop.call_later(LINGER_S, self.transport.close)
 
 
-def slow_client_protocol(settings: Settings) -> type[SlowClientH11Protocol]:
-    """The protocol class for ``uvicorn.run(http=...)``, with the timeouts of ``settings``."""
+def _shed_response() -> bytes:
+    body = envelope(503, "overloaded", "the queue is full; retry later").body
+    head = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n"
+            b"connection: close\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n")
+    return head + body
+
+
+SHED_RESPONSE = _shed_response()
+
+
+def slow_client_protocol(settings: Settings, app: Any = None) -> type[SlowClientH11Protocol]:
+    """The protocol class for ``uvicorn.run(http=...)``, with the timeouts of ``settings``; given the
+    service's ``app``, it also sheds ``POST /predict`` before parsing while the app admits nothing."""
+
+    def shed() -> bool:
+        state = app.state
+        batcher = getattr(state, "batcher", None)
+        return bool(getattr(state, "ready", False)) and batcher is not None and not batcher.admits(1)
+
+    def on_shed() -> None:
+        metrics = getattr(app.state, "metrics", None)
+        if metrics is not None:
+            metrics.requests.labels(route="/predict", status="503").inc()
+            metrics.request_seconds.labels(route="/predict").observe(0.0)
 
     class ConfiguredSlowClientH11Protocol(SlowClientH11Protocol):
         header_timeout_s = settings.header_timeout_s
         body_timeout_s = settings.body_timeout_s
 
+    if app is not None:
+        ConfiguredSlowClientH11Protocol.shed = staticmethod(shed)
+        ConfiguredSlowClientH11Protocol.on_shed = staticmethod(on_shed)
     return ConfiguredSlowClientH11Protocol
