@@ -216,7 +216,8 @@ def markdown(result: dict) -> str:
          f"- Pinning: {s['pinning']}; {s['threads']} torch thread(s)",
          f"- Load: {s['multiple']}x the sustainable rate (closed loop, 64 clients, keep-alive, measured just before) "
          f"for {s['seconds']} s, Poisson arrivals, one new connection per request, {s['rows']} MNIST image per "
-         f"request ({s['format']}); `/healthz` on a new connection every 100 ms (each probe on its own); latency from the scheduled arrival",
+         f"request ({s['format']}); `/healthz` on a new connection every 100 ms (each probe on its own); "
+         "latency from the scheduled arrival",
          "- Goodput: rows answered 200 within the service's request timeout, per second of arrivals", ""]
     for label, c in result["configs"].items():
         run = c["overload"]

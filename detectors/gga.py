@@ -242,7 +242,7 @@ class GGADetector:
                              f"{tuple(y.shape)}")
         if not torch.isfinite(x).all():
             raise ValueError("x contains NaN or inf")
-        feats, pred = self.features(x, batch_size, progress, run)
+        feats, pred = self.features(x, batch_size, progress, run=run)
         correct = pred == y
         n_correct = int(correct.sum())
         if n_correct < 20:

@@ -80,7 +80,7 @@ class _CachedGGA(GGADetector):
         super().__init__(model, **kwargs)
         self._cached = (feats.float(), pred)
 
-    def features(self, x, batch_size=256, progress=None):  # noqa: ARG002 - same signature as the parent
+    def features(self, x, batch_size=256, progress=None, run=None):  # noqa: ARG002 - the parent's signature
         return self._cached
 
 
