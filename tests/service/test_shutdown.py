@@ -37,7 +37,8 @@ def test_sigterm_drains_then_answers_503_then_exits(tmp_path, mnist_test) -> Non
         limits = httpx.Limits(max_connections=n + 2, max_keepalive_connections=0)
         async with httpx.AsyncClient(base_url=base, timeout=30, limits=limits) as c:
             tasks = [asyncio.create_task(c.post("/predict", json={"inputs": x})) for _ in range(n)]
-            await asyncio.sleep(0.5)  # all sent: one in compute, the rest queued
+            # all sent, one batch answered (so the worker is past its first batch), the rest queued
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             t0 = time.monotonic()
             proc.send_signal(signal.SIGTERM)
             await asyncio.sleep(0.3)
