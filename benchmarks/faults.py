@@ -44,6 +44,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from benchmarks.load import _git
 from benchmarks.serverproc import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,16 +53,6 @@ POLL_S = 0.02
 FIT_SAMPLES = 4000
 CONFIGS = {"defaults (GGA_STRATEGY=auto)": {}, "GGA_STRATEGY=device": {"GGA_STRATEGY": "device"}}
 SCENARIOS = ("cold start", "restart after kill -9", "fallback: NaN calibration", "fallback: wrong-shaped tensor")
-
-
-def _git() -> dict:
-    def git(*a: str) -> str:
-        try:
-            return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout
-        except (OSError, subprocess.SubprocessError):
-            return ""
-    changed = [ln[3:] for ln in git("status", "--porcelain", "--untracked-files=no").splitlines()]
-    return {"commit": git("rev-parse", "HEAD").strip(), "dirty": bool(changed), "changed_files": changed}
 
 
 def _machine() -> dict:

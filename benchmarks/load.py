@@ -1130,14 +1130,22 @@ def main(argv: list[str] | None = None) -> dict:
     global _SERVER_CORES
     pin = Pinning.choose(not args.no_pin)
     _SERVER_CORES = [int(c) for c in pin.server.split(",")] if pin.server is not None else None
+    with client_side(pin):
+        return _run(args, pin, cmd)
+
+
+@contextlib.contextmanager
+def client_side(pin: Pinning):
+    """This process as the load client: on its own core (when pinning) and allowed as many open
+    files as the hard limit (beyond capacity: thousands of connections); both restored after."""
     affinity = sorted(os.sched_getaffinity(0)) if pin.client is not None else None
     limits = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:
         if pin.client is not None:
             os.sched_setaffinity(0, pin.client)
-        with contextlib.suppress(ValueError, OSError):  # open loop beyond capacity: thousands of connections
+        with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (limits[1], limits[1]))
-        return _run(args, pin, cmd)
+        yield
     finally:
         if affinity is not None:
             os.sched_setaffinity(0, affinity)

@@ -33,7 +33,6 @@ import contextlib
 import datetime as dt
 import json
 import os
-import resource
 import shlex
 import sys
 import tempfile
@@ -56,6 +55,7 @@ from benchmarks.load import (
     _no_gc,
     _pct,
     _print,
+    client_side,
     closed_loop,
     free_port,
     http_request,
@@ -262,19 +262,8 @@ def main(argv: list[str] | None = None) -> dict:
     cmd = "python -m benchmarks.overload" + ("" if argv is None and len(sys.argv) <= 1 else " " + shlex.join(
         argv if argv is not None else sys.argv[1:]))
     pin = Pinning.choose(not args.no_pin)
-    affinity = sorted(os.sched_getaffinity(0)) if pin.client is not None else None
-    limits = resource.getrlimit(resource.RLIMIT_NOFILE)
-    try:
-        if pin.client is not None:
-            os.sched_setaffinity(0, pin.client)
-        with contextlib.suppress(ValueError, OSError):  # one connection per request: thousands at once
-            resource.setrlimit(resource.RLIMIT_NOFILE, (limits[1], limits[1]))
+    with client_side(pin):  # one connection per request: thousands open at once
         return _run(args, pin, cmd)
-    finally:
-        if affinity is not None:
-            os.sched_setaffinity(0, affinity)
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, limits)
 
 
 def _run(args: argparse.Namespace, pin: Pinning, cmd: str) -> dict:
