@@ -44,7 +44,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from benchmarks.load import _git
+from benchmarks.load import _git, cpu_model
 from benchmarks.serverproc import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,12 +59,7 @@ def _machine() -> dict:
     import torch
     import uvicorn
 
-    cpu = platform.processor()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    cpu = cpu_model()
     disk = ""
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         disk = subprocess.run(["df", "-T", tempfile.gettempdir()], capture_output=True, text=True,

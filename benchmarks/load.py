@@ -340,20 +340,9 @@ async def _open_loop(host: str, port: int, bodies: list[bytes], rate: float, dur
             in_flight -= 1
         recs.append(Record(at, time.perf_counter(), status, lag))
 
-    tasks = []
     t0 = time.perf_counter() + 0.05
     with _CpuMeter(server_pid) as cpu:
-        for i, at in enumerate(times):
-            target = t0 + float(at)
-            delay = target - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(i, target)))
-        sent_end = time.perf_counter()
-        _, pending = await asyncio.wait(tasks, timeout=drain_s) if tasks else (set(), set())
-        for t in pending:
-            t.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        sent_end, pending = await send_on_schedule(times, t0, one, drain_s)
     for c in pool:
         c.close()
     window = duration_s  # the arrival window as scheduled
@@ -373,6 +362,34 @@ async def _open_loop(host: str, port: int, bodies: list[bytes], rate: float, dur
         "drain_s": time.perf_counter() - sent_end, "unanswered": len(pending),
         **cpu.as_dict(len(recs)),
     }
+
+
+async def send_on_schedule(times: np.ndarray, t0: float, one, drain_s: float) -> tuple[float, set]:
+    """Start ``one(i, t0 + times[i])`` at each scheduled time (offsets in seconds from ``t0``),
+    then wait at most ``drain_s`` for them; those still running are cancelled. Returns when the
+    last one was started and the set of cancelled (unanswered) tasks."""
+    tasks = []
+    for i, at in enumerate(times):
+        target = t0 + float(at)
+        delay = target - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(i, target)))
+    sent_end = time.perf_counter()
+    _, pending = await asyncio.wait(tasks, timeout=drain_s) if tasks else (set(), set())
+    for t in pending:
+        t.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    return sent_end, pending
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo, else platform.processor())."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor()
 
 
 # --------------------------------------------------------------------------- processes
@@ -708,12 +725,7 @@ def _machine(pin: Pinning) -> dict:
     import torch
     import uvicorn
 
-    cpu = platform.processor()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    cpu = cpu_model()
 
     def has(mod: str) -> bool:
         import importlib.util

@@ -61,6 +61,7 @@ from benchmarks.load import (
     http_request,
     load_inputs,
     request_bodies,
+    send_on_schedule,
 )
 
 CONFIGS = {
@@ -147,19 +148,8 @@ async def _overload(host: str, port: int, bodies: list[bytes], rate: float, dura
 
     t0 = time.perf_counter() + 0.05
     side = [asyncio.create_task(prober()), asyncio.create_task(sampler())]
-    tasks = []
     with _CpuMeter(server_pid) as cpu:
-        for i, at in enumerate(times):
-            target = t0 + float(at)
-            delay = target - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(i, target)))
-        sent_end = time.perf_counter()
-        _, pending = await asyncio.wait(tasks, timeout=drain_s) if tasks else (set(), set())
-        for t in pending:
-            t.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        sent_end, pending = await send_on_schedule(times, t0, one, drain_s)
     done.set()
     await asyncio.gather(*side)
     by_status: dict[str, list[Record]] = {}
