@@ -356,6 +356,7 @@ class DynamicBatcher(Generic[P, R]):
         self._queue: deque[Chunk[P]] = deque()
         self._queued_rows = 0
         self._in_flight: list[Chunk[P]] = []
+        self._in_flight_rows = 0
         self._state = _NEW
         self._drain = False
         self._thread: threading.Thread | None = None
@@ -714,7 +715,7 @@ class DynamicBatcher(Generic[P, R]):
             rows += chunk.rows
             batch.append(chunk)
         self._queued_rows -= rows
-        self._in_flight = batch
+        self._in_flight, self._in_flight_rows = batch, rows
         self._batch_started = self._clock()
         return batch
 
@@ -847,7 +848,7 @@ class DynamicBatcher(Generic[P, R]):
         row_s = self._ewma_row_s
         if row_s is None:
             return None
-        in_flight = sum(c.rows for c in self._in_flight)
+        in_flight = self._in_flight_rows if self._in_flight else 0
         rest = max(0.0, in_flight * row_s - (now - self._batch_started)) if in_flight else 0.0
         return rest + (self._queued_rows + rows) * row_s
 

@@ -47,3 +47,15 @@ class SlowMnist(MnistCNN):
 
 def slow_mnist() -> SlowMnist:
     return SlowMnist(float(os.environ.get("GGA_TEST_FORWARD_S", "0")))
+
+
+def slow_server_env(tmp_path, forward_s: float, **settings: str) -> dict[str, str]:
+    """Environment of a real ``gga-serve`` with :func:`slow_mnist` (the bundled weights and detector),
+    one row per batch and the device rule (no startup measurement), plus ``settings``."""
+    from service.settings import DEFAULT_MODEL_DIR
+
+    env = dict(GGA_ARTIFACT_DIR=str(tmp_path / "a"), GGA_STRATEGY="device", GGA_LOG_LEVEL="warning",
+               GGA_MODEL="factory:tests.service.fakes:slow_mnist",
+               GGA_MODEL_WEIGHTS=str(DEFAULT_MODEL_DIR / "model.safetensors"),
+               GGA_TEST_FORWARD_S=str(forward_s), GGA_MAX_BATCH_ROWS="1")
+    return {**env, **settings}

@@ -879,8 +879,12 @@ def test_run_between_runs_on_the_worker_when_no_request_is_queued() -> None:
     assert idle.run_between(lambda: threading.current_thread().name) == threading.current_thread().name
 
 
-def test_run_between_waits_behind_queued_requests() -> None:
-    """Under load a task goes after the queued requests while it has waited less than background_wait_s."""
+@pytest.mark.parametrize(("queued", "waited", "computed_before"), [
+    ((2, 3), 0.5, 3),  # waited less than background_wait_s: after the queued requests (the blocker, 2 and 3)
+    ((2,), 1.0, 1),  # waited its 1 s: before the queued request, right after the blocker
+])
+def test_run_between_waits_behind_queued_requests_at_most_background_wait(queued, waited, computed_before) -> None:
+    """Under load a task goes after the queued requests unless it has waited background_wait_s."""
     clock = FakeClock()
     compute = RowSums()
     with running(compute, clock=clock, max_batch_rows=4, max_delay_s=0.0, background_wait_s=1.0) as batcher:
@@ -889,45 +893,19 @@ def test_run_between_waits_behind_queued_requests() -> None:
         async def main() -> None:
             blocker = spawn(batcher, BLOCKER, 4)
             await in_thread(lambda: compute.entered.wait(WAIT_S))
-            a, b = spawn(batcher, 2, 4), spawn(batcher, 3, 4)
+            requests = [spawn(batcher, tag, 4) for tag in queued]
             await asyncio.sleep(0)
             task = asyncio.ensure_future(asyncio.to_thread(
                 batcher.run_between, lambda: seen.append(len(compute.calls))))
-            while not batcher._tasks:  # queued behind a and b, at t=0
+            while not batcher._tasks:  # queued behind the requests, at t=0
                 await asyncio.sleep(0.001)
-            clock.set(0.5)  # it never waits its 1 s on this clock
+            clock.set(waited)
             compute.release.set()
-            await asyncio.gather(blocker, a, b, task)
+            await asyncio.gather(blocker, *requests, task)
 
         run(main())
-        assert seen == [3]  # it ran once the queue was empty: after the blocker, a and b
-    assert compute.calls == [[(BLOCKER, 0, 4)], [(2, 0, 4)], [(3, 0, 4)]]
-
-
-def test_run_between_goes_first_once_it_has_waited() -> None:
-    clock = FakeClock()
-    compute = RowSums()
-    with running(compute, clock=clock, max_batch_rows=4, max_delay_s=0.0, background_wait_s=1.0) as batcher:
-        seen: list[int] = []
-
-        async def main() -> None:
-            blocker = spawn(batcher, BLOCKER, 4)
-            await in_thread(lambda: compute.entered.wait(WAIT_S))
-            a = spawn(batcher, 2, 4)
-            await asyncio.sleep(0)
-            task = asyncio.ensure_future(asyncio.to_thread(
-                batcher.run_between, lambda: seen.append(len(compute.calls))))
-            while not batcher._tasks:
-                await asyncio.sleep(0.001)
-            clock.set(1.0)  # the task has waited its 1 s: it goes before a
-            compute.release.set()
-            await blocker
-            await task
-            await a
-
-        run(main())
-        assert seen == [1]  # only the blocker had been computed when the task ran
-    assert compute.calls == [[(BLOCKER, 0, 4)], [(2, 0, 4)]]
+        assert seen == [computed_before]  # compute calls done when the task ran
+    assert compute.calls == [[(BLOCKER, 0, 4)], *[[(tag, 0, 4)] for tag in queued]]
 
 
 def test_run_between_fails_when_the_batcher_stops() -> None:

@@ -13,8 +13,8 @@ import numpy as np
 
 from benchmarks.serverproc import start_server, stop_server
 from service.protocol import SHED_RESPONSE
-from service.settings import DEFAULT_MODEL_DIR
 from tests.service.conftest import parse_metrics
+from tests.service.fakes import slow_server_env
 
 
 def _request(base: str, raw: bytes) -> socket.socket:
@@ -41,10 +41,7 @@ def _predict(x: np.ndarray) -> bytes:
 
 
 def test_predict_is_shed_before_parsing_while_the_queue_is_full(tmp_path, mnist_test) -> None:
-    env = dict(GGA_ARTIFACT_DIR=str(tmp_path / "a"), GGA_LOG_LEVEL="warning", GGA_STRATEGY="device",
-               GGA_MODEL="factory:tests.service.fakes:slow_mnist",
-               GGA_MODEL_WEIGHTS=str(DEFAULT_MODEL_DIR / "model.safetensors"),
-               GGA_TEST_FORWARD_S="1.0", GGA_MAX_BATCH_ROWS="1", GGA_MAX_QUEUE_ROWS="1")
+    env = slow_server_env(tmp_path, 1.0, GGA_MAX_QUEUE_ROWS="1")
     proc, base = start_server(env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         raw = _predict(mnist_test[0][:1])

@@ -14,7 +14,8 @@ from pydantic import ValidationError
 
 from benchmarks.serverproc import start_server
 from service.server import margin_s
-from service.settings import DEFAULT_MODEL_DIR, Settings
+from service.settings import Settings
+from tests.service.fakes import slow_server_env
 
 
 def test_margin() -> None:
@@ -25,10 +26,7 @@ def test_margin() -> None:
 
 
 def test_sigterm_drains_then_answers_503_then_exits(tmp_path, mnist_test) -> None:
-    env = dict(GGA_ARTIFACT_DIR=str(tmp_path / "a"), GGA_LOG_LEVEL="info", GGA_STRATEGY="device",
-               GGA_MODEL="factory:tests.service.fakes:slow_mnist",
-               GGA_MODEL_WEIGHTS=str(DEFAULT_MODEL_DIR / "model.safetensors"),
-               GGA_TEST_FORWARD_S="0.4", GGA_MAX_BATCH_ROWS="1", GGA_SHUTDOWN_GRACE_S="3")
+    env = slow_server_env(tmp_path, 0.4, GGA_LOG_LEVEL="info", GGA_SHUTDOWN_GRACE_S="3")
     proc, base = start_server(env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     x = mnist_test[0][:1].tolist()
     n = 12
