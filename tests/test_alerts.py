@@ -603,7 +603,7 @@ def test_alarm_on_the_service_counters_clean_then_out_of_distribution(tmp_path):
     go above it."""
     from detectors.datasets import load_idx_split
     from service.worker import DetectorSlot
-    from tests.service.conftest import Running, make_settings, npy_bytes, run
+    from tests.support.service import Running, make_settings, npy_bytes, run
 
     if not (MNIST / "mnist").is_dir() or not (MNIST / "fashion_mnist").is_dir():
         pytest.skip(f"MNIST / Fashion-MNIST not found under {MNIST}")

@@ -103,7 +103,7 @@ def test_no_host_synchronisation_per_class(strategy, digits) -> None:
 @pytest.mark.parametrize("device", DEVICES)
 def test_service_serves_on_the_device(device, digits, tmp_path) -> None:
     pytest.importorskip("fastapi")
-    from tests.service.conftest import Running, make_settings, npy_bytes, run
+    from tests.support.service import Running, make_settings, npy_bytes, run
 
     x = digits[:8].numpy()
 

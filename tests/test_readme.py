@@ -18,8 +18,8 @@ import numpy as np
 from safetensors.torch import load_file, save_file
 
 from service.settings import DEFAULT_MODEL_DIR, Settings
-from tests.service import fakes
-from tests.service.conftest import Running, make_settings, npy_bytes, run
+from tests.support import fakes
+from tests.support.service import Running, make_settings, npy_bytes, run
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 JSON = {"content-type": "application/json"}
@@ -114,7 +114,7 @@ def test_readme_status_codes_are_what_the_service_answers(tmp_path):
 
     apps = {
         # the gated reference CNN: one row per batch, one queued row at most, a 0.5 s queue timeout
-        "main": make_settings(tmp_path, model="factory:tests.service.fakes:gated_mnist",
+        "main": make_settings(tmp_path, model="factory:tests.support.fakes:gated_mnist",
                               model_weights=DEFAULT_MODEL_DIR / "model.safetensors", max_batch_rows=1,
                               max_queue_rows=1, max_delay_ms=0, request_timeout_s=0.5, max_request_bytes=LIMIT_BYTES),
         "no_range": make_settings(tmp_path, model_card=_card_without_range(tmp_path)),

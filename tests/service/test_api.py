@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.service.conftest import Running, expected_rows, make_settings, npy_bytes, run
+from tests.support.service import Running, expected_rows, make_settings, npy_bytes, run
 
 
 def _check_row(row: dict, exp: dict) -> None:
@@ -19,8 +19,8 @@ def _check_row(row: dict, exp: dict) -> None:
     assert row["trust"] == pytest.approx(exp["trust"], abs=1e-12)
     # the layer activations (float sums inside the model) round differently in another batch: the raw
     # statistic agrees to float rounding, trust and flag exactly
-    assert row["score"] == pytest.approx(exp["score"], rel=1e-6)
-    assert row["confidence"] == pytest.approx(exp["confidence"], rel=1e-6)
+    assert row["score"] == pytest.approx(exp["score"], rel=1e-5)
+    assert row["confidence"] == pytest.approx(exp["confidence"], rel=1e-5)
     assert row["detector_version"] == "v0"
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 
 from service.auth import matches, presented
-from tests.service.conftest import Running, make_settings, run
+from tests.support.service import Running, make_settings, run
 
 READER = ("/info", "/docs", "/redoc", "/openapi.json")
 

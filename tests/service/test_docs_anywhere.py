@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 from service.settings import Settings
-from tests.service.conftest import Running, make_settings, run
+from tests.support.service import Running, make_settings, run
 
 ASSET_URL = re.compile(r"""(?:src|href)\s*=\s*["']([^"']+)["']""")
 

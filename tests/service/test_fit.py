@@ -9,8 +9,8 @@ import numpy as np
 
 from detectors.datasets import load_idx_split
 from service.settings import DEFAULT_MODEL_DIR
-from tests.service import fakes
-from tests.service.conftest import MNIST, Running, make_settings, run
+from tests.support import fakes
+from tests.support.service import MNIST, Running, make_settings, run
 
 TOKEN = "s3cret-token"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
@@ -51,7 +51,7 @@ def test_fit_refused_without_token_configured(tmp_path):
 
 def test_fit_job_lifecycle(tmp_path, mnist_test):
     x, y = _train_sample()
-    settings = make_settings(tmp_path, admin_token=TOKEN, model="factory:tests.service.fakes:gated_mnist",
+    settings = make_settings(tmp_path, admin_token=TOKEN, model="factory:tests.support.fakes:gated_mnist",
                              model_weights=DEFAULT_MODEL_DIR / "model.safetensors", data_dir=tmp_path / "data")
     (tmp_path / "data").mkdir()
     np.savez(tmp_path / "data" / "small.npz", x=x[:200], y=y[:200])

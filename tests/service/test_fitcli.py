@@ -19,7 +19,7 @@ from detectors.persist import load_detector
 from detectors.zoo import MnistCNN
 from service.fitcli import ProgressBar, main
 from service.settings import DEFAULT_MODEL_DIR
-from tests.service.conftest import Running, make_settings, run
+from tests.support.service import Running, make_settings, run
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -56,7 +56,7 @@ from schemathesis.transport.serialization import Binary, serialize_binary
 
 from detectors.datasets import load_idx_split
 from service.settings import DEFAULT_MODEL_DIR
-from tests.service.conftest import MNIST, Running, make_settings, npy_bytes
+from tests.support.service import MNIST, Running, make_settings, npy_bytes
 
 TOKEN = "fuzz-s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

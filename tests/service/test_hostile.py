@@ -24,7 +24,7 @@ from fastapi import APIRouter, HTTPException
 from benchmarks.serverproc import start_server, stop_server
 from service.errors import ApiError
 from service.settings import Settings
-from tests.service.conftest import Running, make_settings, npy_bytes, parse_metrics, run
+from tests.support.service import Running, make_settings, npy_bytes, parse_metrics, run
 
 TOKEN = "hostile-s3cret-token"
 AUTH = {"authorization": f"Bearer {TOKEN}"}

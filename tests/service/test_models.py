@@ -15,7 +15,7 @@ from detectors.datasets import load_cifar_npz
 from detectors.zoo import MnistCNN, resnet56
 from service.models import ModelLoadError, load_model, read_state_dict
 from service.settings import DEFAULT_MODEL_DIR
-from tests.service.conftest import Running, make_settings, run
+from tests.support.service import Running, make_settings, run
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 RESNET56 = DATA / "cifar10_resnet" / "resnet56-4bfd9763.th"
@@ -70,8 +70,8 @@ def test_model_loading_errors(tmp_path):
     cases = [
         ({"model": "resnet1000"}, "unknown model"),
         ({"model": "cifar_resnet56"}, "has no bundled weights"),
-        ({"model": "factory:tests.service.fakes:gated_mnist"}, "needs GGA_MODEL_WEIGHTS"),
-        ({"model": "factory:tests.service.fakes"}, "package.module:function"),
+        ({"model": "factory:tests.support.fakes:gated_mnist"}, "needs GGA_MODEL_WEIGHTS"),
+        ({"model": "factory:tests.support.fakes"}, "package.module:function"),
         ({"model": "factory:no.such.module:f", "model_weights": tmp_path}, "cannot import"),
         ({"model": "torchscript:/nonexistent.pt"}, "does not exist"),
         ({"model": "mnist_cnn", "model_weights": RESNET56}, "do not fit the model"),

@@ -6,14 +6,14 @@ import asyncio
 import time
 
 from service.settings import DEFAULT_MODEL_DIR
-from tests.service import fakes
-from tests.service.conftest import Running, make_settings, run
+from tests.support import fakes
+from tests.support.service import Running, make_settings, run
 
 
 def test_full_queue_503_then_timeout_504_then_healthy(tmp_path, mnist_test):
     x = mnist_test[0][:1].tolist()
     settings = make_settings(
-        tmp_path, model="factory:tests.service.fakes:gated_mnist",
+        tmp_path, model="factory:tests.support.fakes:gated_mnist",
         model_weights=DEFAULT_MODEL_DIR / "model.safetensors",
         max_batch_rows=1, max_queue_rows=1, max_delay_ms=0, request_timeout_s=0.5,
     )
@@ -67,7 +67,7 @@ def test_wait_bound_sheds_by_estimated_time_before_the_body_is_read(tmp_path, mn
     compute per row) is over the bound, before its body is read."""
     x = mnist_test[0][:1].tolist()
     settings = make_settings(
-        tmp_path, model="factory:tests.service.fakes:gated_mnist",
+        tmp_path, model="factory:tests.support.fakes:gated_mnist",
         model_weights=DEFAULT_MODEL_DIR / "model.safetensors",
         max_batch_rows=1, max_queue_rows=64, max_queue_wait_s=1.9,
     )

@@ -19,7 +19,7 @@ from service.artifacts import ArtifactStore
 from service.reload import ReloadWatcher, SwapGate, version_number
 from service.settings import DEFAULT_MODEL_DIR, Settings
 from service.worker import DetectorSlot
-from tests.service.conftest import Running, make_settings, run
+from tests.support.service import Running, make_settings, run
 
 BUNDLED = DEFAULT_MODEL_DIR / "detector"
 SKIP_LINE = "skipping detector artifact"

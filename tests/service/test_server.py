@@ -9,7 +9,7 @@ import subprocess
 import httpx
 
 from benchmarks.serverproc import start_server, stop_server
-from tests.service.conftest import expected_rows, parse_metrics
+from tests.support.service import expected_rows, parse_metrics
 
 
 def test_real_server_burst_metrics_and_clean_shutdown(tmp_path, mnist_test, reference):

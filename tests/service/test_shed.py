@@ -13,8 +13,8 @@ import numpy as np
 
 from benchmarks.serverproc import start_server, stop_server
 from service.protocol import SHED_RESPONSE
-from tests.service.conftest import parse_metrics
-from tests.service.fakes import slow_server_env
+from tests.support.fakes import slow_server_env
+from tests.support.service import parse_metrics
 
 
 def _request(base: str, raw: bytes) -> socket.socket:

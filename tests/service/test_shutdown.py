@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from benchmarks.serverproc import start_server
 from service.server import margin_s
 from service.settings import Settings
-from tests.service.fakes import slow_server_env
+from tests.support.fakes import slow_server_env
 
 
 def test_margin() -> None:

@@ -13,7 +13,7 @@ from detectors.presets import build_detector
 from service import app as app_module
 from service.app import strategy_batch_sizes
 from service.settings import DEFAULT_MODEL_DIR
-from tests.service.conftest import Running, make_settings, run
+from tests.support.service import Running, make_settings, run
 
 
 def _strategy_lines(caplog) -> list[str]:

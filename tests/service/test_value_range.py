@@ -7,7 +7,7 @@ import json
 import numpy as np
 
 from service.settings import DEFAULT_MODEL_DIR
-from tests.service.conftest import Running, make_settings, npy_bytes, run
+from tests.support.service import Running, make_settings, npy_bytes, run
 
 NPY = {"content-type": "application/x-npy"}
 

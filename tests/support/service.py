@@ -1,3 +1,6 @@
+"""Helpers of the service tests: settings for an in-process app, the app with its lifespan, metrics
+parsing, npy bodies and what the detector computes for a sample alone."""
+
 from __future__ import annotations
 
 import asyncio
@@ -5,33 +8,14 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import pytest
 import torch
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
-from safetensors.torch import load_file
 
-from detectors.datasets import load_idx_split
-from detectors.persist import load_detector
-from detectors.zoo import MnistCNN
 from service.app import create_app
-from service.settings import DEFAULT_MODEL_DIR, Settings
+from service.settings import Settings
 
 MNIST = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "mnist"
-
-
-@pytest.fixture(scope="session")
-def mnist_test() -> tuple[np.ndarray, np.ndarray]:
-    return load_idx_split(MNIST, "t10k")
-
-
-@pytest.fixture(scope="session")
-def reference():
-    """The bundled detector (the composite preset), used directly (no service) as ground truth."""
-    model = MnistCNN()
-    model.load_state_dict(load_file(str(DEFAULT_MODEL_DIR / "model.safetensors")))
-    model.eval()
-    return load_detector(DEFAULT_MODEL_DIR / "detector", model)
 
 
 def make_settings(tmp_path: Path, **kw) -> Settings:

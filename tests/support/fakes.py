@@ -1,6 +1,6 @@
 """Fakes for the service tests: the reference MNIST CNN behind a gate the test controls.
 
-``factory:tests.service.fakes:gated_mnist`` builds a model whose forward waits until
+``factory:tests.support.fakes:gated_mnist`` builds a model whose forward waits until
 ``GATE`` is set, so a test can hold the compute worker (or a fit job) busy at will.
 """
 
@@ -55,7 +55,7 @@ def slow_server_env(tmp_path, forward_s: float, **settings: str) -> dict[str, st
     from service.settings import DEFAULT_MODEL_DIR
 
     env = dict(GGA_ARTIFACT_DIR=str(tmp_path / "a"), GGA_STRATEGY="device", GGA_LOG_LEVEL="warning",
-               GGA_MODEL="factory:tests.service.fakes:slow_mnist",
+               GGA_MODEL="factory:tests.support.fakes:slow_mnist",
                GGA_MODEL_WEIGHTS=str(DEFAULT_MODEL_DIR / "model.safetensors"),
                GGA_TEST_FORWARD_S=str(forward_s), GGA_MAX_BATCH_ROWS="1")
     return {**env, **settings}
