@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 import numpy as np
 import pytest
 
-from service.batcher import (
+from service.batching import (
     BatcherClosedError,
     BatchInfo,
     Chunk,
@@ -732,7 +732,7 @@ def test_on_batch_gets_exact_stats_and_its_errors_do_not_stop_the_worker(
             await asyncio.gather(a, b)
             await in_thread(lambda: infos.wait(2))
 
-        with caplog.at_level(logging.ERROR, logger="service.batcher"):
+        with caplog.at_level(logging.ERROR, logger="service.batching"):
             run(main())
     # at t=2, 19 rows queued: 3 + 8 rows do not fit in 8, so [1] goes alone, then [2@0], then [2@8]
     assert compute.calls == [[(1, 0, 3)], [(2, 0, 8)], [(2, 8, 8)]]
@@ -897,7 +897,7 @@ def test_run_between_waits_behind_queued_requests_at_most_background_wait(queued
             await asyncio.sleep(0)
             task = asyncio.ensure_future(asyncio.to_thread(
                 batcher.run_between, lambda: seen.append(len(compute.calls))))
-            while not batcher._tasks:  # queued behind the requests, at t=0
+            while not batcher._interleave.tasks:  # queued behind the requests, at t=0
                 await asyncio.sleep(0.001)
             clock.set(waited)
             compute.release.set()
@@ -929,7 +929,7 @@ def test_run_between_fails_when_the_batcher_stops() -> None:
 
         t = threading.Thread(target=waiting_task)
         t.start()
-        while not batcher._tasks:
+        while not batcher._interleave.tasks:
             await asyncio.sleep(0.001)
         stopping = asyncio.ensure_future(batcher.astop(drain=True, timeout=WAIT_S))
         await in_thread(lambda: (t.join(WAIT_S), not t.is_alive())[1])  # failed at once, not drained
