@@ -12,6 +12,7 @@ from service.batching import (
     BatcherClosedError,
     DynamicBatcher,
 )
+from service.batching.interleave import Interleaver
 from tests.support.batching import (
     BLOCKER,
     WAIT_S,
@@ -105,3 +106,64 @@ def test_run_between_fails_when_the_batcher_stops() -> None:
     assert [str(e) for e in errors] == ["batcher stopped before the task ran"]
     with pytest.raises(BatcherClosedError):
         batcher.run_between(lambda: None)
+
+
+# ----------------------------------------------------------------------------- the interleaver alone
+
+
+class Now:
+    """A settable clock for the units that read one."""
+
+    def __init__(self, t: float = 0.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_a_task_goes_when_no_request_is_queued_or_once_it_waited_background_wait() -> None:
+    now = Now(2.0)
+    interleave = Interleaver(now, background_wait_s=0.5)
+    assert interleave.pop_due(2.0, requests_queued=False) is None  # no task
+    assert interleave.wake_by(7.0) == 7.0
+    first = interleave.add(lambda: "first")
+    now.t = 2.25
+    second = interleave.add(lambda: "second")
+    assert (first.queued_at, second.queued_at) == (2.0, 2.25)
+    assert interleave.wake_by(7.0) == 2.5  # the oldest task stops yielding at 2.0 + 0.5
+    assert interleave.wake_by(2.125) == 2.125
+    assert interleave.pop_due(2.499, requests_queued=True) is None  # yields to the queued requests
+    assert interleave.pop_due(2.5, requests_queued=True) is first  # waited its 0.5 s: goes first
+    assert interleave.pop_due(2.3, requests_queued=False) is second  # nothing queued: goes at once
+    assert not interleave.tasks
+
+
+def test_run_hands_the_result_or_any_error_to_the_waiting_caller() -> None:
+    interleave = Interleaver(Now(), background_wait_s=0.0)
+    ok = interleave.add(lambda: 42)
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt("stop")  # not an Exception: still the caller's to handle
+
+    bad = interleave.add(interrupted)
+    for task in (ok, bad):
+        Interleaver.run(task)
+    assert ok.wait() == 42
+    with pytest.raises(KeyboardInterrupt, match="stop"):
+        bad.wait()
+
+
+def test_fail_all_fails_every_waiting_task() -> None:
+    interleave = Interleaver(Now(), background_wait_s=0.0)
+    tasks = [interleave.add(lambda: None) for _ in range(2)]
+    interleave.fail_all()
+    assert not interleave.tasks
+    for task in tasks:
+        with pytest.raises(BatcherClosedError, match="batcher stopped before the task ran"):
+            task.wait()
+
+
+@pytest.mark.parametrize("bad", [-0.1, float("inf"), None, True])
+def test_interleaver_rejects_a_bad_background_wait(bad: object) -> None:
+    with pytest.raises(ValueError, match="background_wait_s must be a finite number of seconds >= 0"):
+        Interleaver(Now(), background_wait_s=bad)  # type: ignore[arg-type]

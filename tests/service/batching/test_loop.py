@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
+from typing import Any
 
 import numpy as np
 import pytest
@@ -113,3 +115,42 @@ def test_stop_with_drain_computes_the_queue_without_waiting_for_the_delay() -> N
     np.testing.assert_array_equal(second, expected(2, 1))
     assert compute.calls == [[(1, 0, 2), (2, 0, 1)]]
     assert not batcher.running
+
+
+class Crash(BaseException):
+    """Not an Exception: escapes compute's per-item handling and ends the worker thread."""
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_crashed_worker_fails_its_batch_the_queue_and_later_calls(caplog: pytest.LogCaptureFixture) -> None:
+    entered, release = threading.Event(), threading.Event()
+
+    def compute(items: list[Any]) -> list[Any]:
+        entered.set()
+        release.wait(WAIT_S)
+        raise Crash("worker killed")
+
+    batcher: DynamicBatcher[np.ndarray, np.ndarray] = DynamicBatcher(
+        compute, max_batch_rows=4, max_queue_rows=8, timeout_s=60.0)
+    batcher.start()
+
+    async def main() -> None:
+        in_flight = asyncio.ensure_future(batcher.submit(tagged(1, 4), 4))
+        await in_thread(lambda: entered.wait(WAIT_S))
+        queued = asyncio.ensure_future(batcher.submit(tagged(2, 1), 1))
+        await asyncio.sleep(0)
+        release.set()
+        with pytest.raises(BatcherClosedError, match="^batch worker stopped$"):
+            await in_flight
+        with pytest.raises(BatcherClosedError, match="^batcher stopped before the request was computed$"):
+            await queued
+
+    with caplog.at_level(logging.ERROR, logger="service.batching"):
+        run(main())
+    assert batcher.stop(timeout=WAIT_S)
+    assert not batcher.running and not batcher.accepting
+    assert "batch worker 'gga-worker' crashed" in caplog.text
+    counters = batcher.counters
+    assert (counters.submitted, counters.closed, counters.completed, counters.batches) == (2, 2, 0, 0)
+    with pytest.raises(BatcherClosedError, match="stopping or stopped"):
+        batcher.run_between(lambda: None)

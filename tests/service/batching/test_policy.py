@@ -4,7 +4,9 @@ arrival, FIFO prefixes; through the batcher and on a hand-made queue."""
 from __future__ import annotations
 
 import asyncio
+import math
 from functools import partial
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,6 +14,9 @@ import pytest
 from service.batching import (
     DynamicBatcher,
 )
+from service.batching.policy import BatchPolicy
+from service.batching.queue import Request, RequestQueue
+from service.batching.stats import new_counts
 from tests.support.batching import (
     BLOCKER,
     WAIT_S,
@@ -20,9 +25,11 @@ from tests.support.batching import (
     RowSums,
     expected,
     in_thread,
+    merge,
     run,
     running,
     spawn,
+    split,
     tagged,
 )
 
@@ -229,3 +236,66 @@ def test_many_concurrent_requests_get_their_own_results_in_fifo_batches() -> Non
     chunks = [chunk for call in compute.calls for chunk in call]
     fifo = [(tag, s, min(8, n - s)) for tag, n in enumerate(sizes, start=100) for s in range(0, n, 8)]
     assert chunks == fifo
+
+
+# ----------------------------------------------------------------------------- the policy alone, on a hand-made queue
+
+
+def queue_of(*requests: tuple[int, float]) -> RequestQueue[str]:
+    """A queue holding one single-chunk request per ``(rows, arrival)``, payload ``"r<i>"``."""
+    queue: RequestQueue[str] = RequestQueue(new_counts())
+    for i, (rows, arrival) in enumerate(requests):
+        queue.push(Request(None, None, 1, None), [(f"r{i}", rows)], rows, arrival)  # type: ignore[arg-type]
+    return queue
+
+
+def test_policy_chunk_count_and_pieces_cut_at_max_batch_rows() -> None:
+    policy: BatchPolicy[str] = BatchPolicy(queue_of(), max_batch_rows=4, max_delay_s=0.0)
+    assert [policy.chunk_count(rows, None, None) for rows in (1, 4)] == [1, 1]  # no split needed
+    assert policy.chunk_count(9, split, merge) == 3
+    with pytest.raises(ValueError, match=r"a request of 5 rows exceeds max_batch_rows=4: pass split"):
+        policy.chunk_count(5, split, None)
+    cuts: list[tuple[int, int]] = []
+
+    def record(payload: str, start: int, stop: int) -> str:
+        cuts.append((start, stop))
+        return f"{payload}[{start}:{stop}]"
+
+    assert policy.pieces("x", 10, 3, record) == [("x[0:4]", 4), ("x[4:8]", 4), ("x[8:10]", 2)]
+    assert cuts == [(0, 4), (4, 8), (8, 10)]
+    assert policy.pieces("y", 3, 1, record) == [("y", 3)]  # one chunk: never split
+    assert cuts == [(0, 4), (4, 8), (8, 10)]
+
+
+def test_policy_due_is_now_without_delay_when_full_or_draining_else_oldest_arrival_plus_delay() -> None:
+    assert BatchPolicy(queue_of((1, 5.0)), max_batch_rows=4, max_delay_s=0.0).due(False) == -math.inf
+    delayed = queue_of((1, 2.0), (2, 2.5))
+    policy = BatchPolicy(delayed, max_batch_rows=4, max_delay_s=1.0)
+    assert policy.due(False) == 3.0  # the head's arrival + delay, not the newest's
+    assert policy.due(True) == -math.inf  # draining: go now
+    full = queue_of((1, 2.0), (3, 2.5))  # 4 rows: a full batch
+    assert BatchPolicy(full, max_batch_rows=4, max_delay_s=1.0).due(False) == -math.inf
+
+
+def test_policy_take_pops_the_longest_fifo_prefix_that_fits() -> None:
+    queue = queue_of((2, 0.0), (1, 0.1), (3, 0.2), (1, 0.3))
+    policy = BatchPolicy(queue, max_batch_rows=4, max_delay_s=0.0)
+    batch = policy.take()
+    assert [c.payload for c in batch] == ["r0", "r1"]  # + 3 rows of r2 would be 6: r3 (fits) is not taken past it
+    assert (queue.rows, queue.in_flight, queue.in_flight_rows) == (4, batch, 3)
+    assert [c._request.queued_chunks for c in batch] == [0, 0]
+    assert [c.payload for c in queue.chunks] == ["r2", "r3"]
+    assert [c.payload for c in policy.take()] == ["r2", "r3"]
+    assert (queue.rows, queue.in_flight_rows, len(queue.chunks)) == (0, 4, 0)
+    assert policy.take() == [] and queue.in_flight_rows == 0
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    (dict(max_batch_rows=0, max_delay_s=0.0), "max_batch_rows must be an int >= 1, got 0"),
+    (dict(max_batch_rows=True, max_delay_s=0.0), "max_batch_rows must be an int >= 1, got True"),
+    (dict(max_batch_rows=4, max_delay_s=float("inf")), "max_delay_s must be a finite number of seconds >= 0"),
+    (dict(max_batch_rows=4, max_delay_s="0"), "max_delay_s must be a finite number of seconds >= 0"),
+])
+def test_policy_rejects_bad_settings(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        BatchPolicy(queue_of(), **kwargs)
