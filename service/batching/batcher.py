@@ -1,16 +1,11 @@
-"""DynamicBatcher: the public face of the batching units; composes them around one lock.
+"""DynamicBatcher: the public face of the batching units, composed around one lock.
 
-The event loop never computes. A route awaits :meth:`DynamicBatcher.submit`; the request
-is checked by :mod:`~service.batching.admission`, cut into chunks and queued
-(:mod:`~service.batching.queue`, :mod:`~service.batching.policy`); the worker thread
-(:mod:`~service.batching.loop`) forms batches by the policy, times out what waited too
-long (:mod:`~service.batching.deadlines`), runs ``run_between`` tasks between batches
-(:mod:`~service.batching.interleave`), computes each batch and delivers its results to
-the awaiting coroutines (:mod:`~service.batching.execute`).
-
-Every unit works on shared state under the batcher's one ``threading.Condition``; the
-units' methods that need it held are called only from here, the worker loop and the
-runner. This module does not import torch: ``compute`` is injected.
+The event loop never computes. :meth:`DynamicBatcher.submit` checks a request (admission),
+cuts it into chunks and queues it (queue, policy); the worker thread (loop) times out what
+waited too long (deadlines), runs ``run_between`` tasks between batches (interleave), takes
+batches by the policy, computes them and delivers each result to its awaiting coroutine
+(execute). The units share state under the batcher's one ``threading.Condition``; their
+lock-held methods are called only from here, the worker loop and the runner.
 """
 
 from __future__ import annotations
@@ -41,30 +36,19 @@ R = TypeVar("R")  # result type: whatever compute returns per item
 class DynamicBatcher(Generic[P, R]):
     """Batch rows from many coroutines into calls of ``compute`` on one worker thread.
 
-    Args:
-        compute: ``compute(items: list[Chunk[P]]) -> Sequence[R]``, called on the worker
-            thread with one batch (at most ``max_batch_rows`` rows in total); returns one
-            result per item, in the items' order.
-        max_batch_rows: most rows in one batch (and in one chunk of a split request).
-        max_delay_s: longest time the oldest queued request waits for a batch to fill,
-            counted from its arrival. The default 0 dispatches as soon as the worker is
-            free: batches hold what queued while the previous batch was computed.
-        max_queue_rows: most rows queued (not yet taken by the worker); beyond it
-            ``submit`` raises :class:`QueueFullError`. At least ``max_batch_rows``.
-        timeout_s: longest time from a request's arrival to the end of its compute; a
-            request that would exceed it (its wait plus the expected compute time of the
-            batch) is not computed. More than ``max_delay_s``, else a lone request would
-            always time out.
-        max_wait_s: admission bound on the estimated queue wait (None: rows alone,
-            ``max_queue_rows``, bound the queue). Before the first batch nothing is
-            known and only ``max_queue_rows`` applies.
-        on_batch: optional ``on_batch(BatchInfo)``, called on the worker thread after
-            each computed batch (for metrics); its exceptions are logged and ignored.
-        clock: monotonic clock in seconds used for arrival, delay, timeout and compute
-            times (inject a fake one in tests and call :meth:`wake` after moving it).
-        name: name of the worker thread.
-        background_wait_s: longest time a :meth:`run_between` task waits behind queued
-            requests before it goes first.
+    Args (each unit's module states the semantics):
+        compute: ``compute(items: list[Chunk[P]]) -> Sequence[R]``, called on the worker thread with
+            one batch; one result per item, in order (:mod:`~service.batching.execute`).
+        max_batch_rows, max_delay_s: the batching policy (:mod:`~service.batching.policy`); the default
+            delay 0 dispatches as soon as the worker is free.
+        max_queue_rows, max_wait_s: admission (:mod:`~service.batching.admission`); ``max_queue_rows >=
+            max_batch_rows``; ``max_wait_s=None``: rows alone bound the queue.
+        timeout_s: arrival to the end of compute (:mod:`~service.batching.deadlines`); > ``max_delay_s``.
+        on_batch: optional ``on_batch(BatchInfo)``, on the worker thread after each batch (metrics).
+        clock: monotonic seconds (inject a fake one in tests and call :meth:`wake` after moving it).
+        name: the worker thread's name.
+        background_wait_s: longest wait of a :meth:`run_between` task behind queued requests
+            (:mod:`~service.batching.interleave`).
     """
 
     def __init__(
@@ -105,29 +89,13 @@ class DynamicBatcher(Generic[P, R]):
         self._worker = WorkerLoop(name=name, lock=self._cond, clock=clock, queue=self._queue, policy=self._policy,
                                   deadlines=self._deadlines, interleave=self._interleave, runner=runner)
 
-    # ------------------------------------------------------------------ settings
-
-    @property
-    def max_batch_rows(self) -> int:
-        return self._policy.max_batch_rows
-
     @property
     def max_delay_s(self) -> float:
         return self._policy.max_delay_s
 
     @property
-    def max_wait_s(self) -> float | None:
-        return self._admission.max_wait_s
-
-    @property
     def max_queue_rows(self) -> int:
         return self._admission.max_queue_rows
-
-    @property
-    def timeout_s(self) -> float:
-        return self._timeout_s
-
-    # ------------------------------------------------------------------ state
 
     @property
     def queued_rows(self) -> int:
@@ -166,11 +134,8 @@ class DynamicBatcher(Generic[P, R]):
             return self._times.row_s
 
     def estimated_wait_s(self, rows: int = 1) -> float | None:
-        """Estimated seconds from now until a request of ``rows`` rows queued now has been computed.
-
-        The rest of the batch in flight, then every queued row and the request's own, at
-        :attr:`row_compute_s`. None before the first batch (nothing measured yet).
-        """
+        """Seconds until a request of ``rows`` rows queued now would be computed (see admission); None before
+        the first batch."""
         with self._cond:
             return self._admission.estimated_wait(rows, self._clock())
 
@@ -179,32 +144,23 @@ class DynamicBatcher(Generic[P, R]):
         with self._cond:
             return self._admission.refusal(rows) is None
 
-    # ------------------------------------------------------------------ lifecycle
-
     def start(self) -> None:
         """Start the worker thread. A batcher starts once; after stop, build a new one."""
         self._worker.start()
 
     def stop(self, *, drain: bool = False, timeout: float | None = None) -> bool:
-        """Stop accepting, settle the queue, and join the worker thread (blocking).
+        """Stop accepting, settle the queue, and join the worker thread (blocking); idempotent.
 
-        With ``drain=False`` the queued requests fail with :class:`BatcherClosedError`;
-        with ``drain=True`` they are computed first, without waiting for the batching
-        delay (their queue timeout still applies). The batch in flight always finishes
-        and its results are delivered. ``timeout`` bounds the join; returns whether the
-        thread has ended. Idempotent. From async code prefer :meth:`astop`, which joins
-        without blocking the event loop.
+        ``drain=False`` fails the queued requests with :class:`BatcherClosedError`;
+        ``drain=True`` computes them first, without the batching delay (their timeout still
+        applies). The batch in flight always finishes. ``timeout`` bounds the join; returns
+        whether the thread has ended. From async code use :meth:`astop`.
         """
         self._worker.begin_stop(drain)
         return self._worker.join(timeout)
 
     def close(self, *, drain: bool = False) -> None:
-        """Stop accepting now, without waiting: :meth:`stop` without the join.
-
-        ``drain=True`` keeps computing the queued requests (without the batching delay); a
-        later ``close()`` (or ``stop()``) escalates and fails those still queued with
-        :class:`BatcherClosedError`. Never blocks: safe on the event loop.
-        """
+        """:meth:`stop` without the join: never blocks. A later close/stop without drain fails what is still queued."""
         self._worker.begin_stop(drain)
 
     async def astop(self, *, drain: bool = False, timeout: float | None = None) -> bool:
@@ -213,23 +169,17 @@ class DynamicBatcher(Generic[P, R]):
         return await asyncio.to_thread(self._worker.join, timeout)
 
     def wake(self) -> None:
-        """Make the worker re-evaluate its batching conditions now.
-
-        Never needed with a real clock; call it after moving an injected fake clock.
-        """
+        """Make the worker re-evaluate its batching conditions now (after moving an injected fake clock)."""
         with self._cond:
             self._cond.notify_all()
 
-    # ------------------------------------------------------------------ other work on the worker
-
     def run_between(self, fn: Callable[[], T]) -> T:
-        """Run ``fn()`` on the worker thread between batches and return its result (or raise its error).
+        """Run ``fn()`` on the worker thread between batches; its result, or its error raised.
 
-        Blocks the calling thread until done: call it from a thread of its own (a fit job),
-        never from the event loop. Called on the worker thread itself (from ``compute``),
-        or before :meth:`start`, it runs ``fn`` at once. Raises
-        :class:`BatcherClosedError` when the batcher is stopping or stopped, also for a
-        task still waiting when it stops. When it runs: see :mod:`~service.batching.interleave`.
+        Blocks the calling thread (a fit job's, never the event loop) until done; on the
+        worker thread itself or before :meth:`start` it runs ``fn`` at once. When it runs:
+        :mod:`~service.batching.interleave`. Raises :class:`BatcherClosedError` when the
+        batcher is stopping or stopped, also for a task still waiting when it stops.
         """
         worker = self._worker
         with self._cond:
@@ -243,8 +193,6 @@ class DynamicBatcher(Generic[P, R]):
             return fn()
         return task.wait()
 
-    # ------------------------------------------------------------------ submit (event loop)
-
     async def submit(
         self,
         payload: P,
@@ -255,19 +203,14 @@ class DynamicBatcher(Generic[P, R]):
     ) -> R:
         """Queue ``rows`` rows of ``payload`` and return their result; call on the event loop.
 
-        A request of at most ``max_batch_rows`` rows is one item; its result is what
-        ``compute`` returned for it (``split``/``merge`` are not called). A larger one is
-        split into chunks ``split(payload, start, stop)`` of ``max_batch_rows`` rows (the
-        last may be shorter), and its result is ``merge([chunk results in row order])``.
+        Up to ``max_batch_rows`` rows are one item and get what ``compute`` returned for it;
+        more are cut into chunks ``split(payload, start, stop)`` and get ``merge([chunk
+        results in row order])``.
 
-        Raises:
-            ValueError: ``rows`` is not an int >= 1, or the request needs splitting and
-                ``split``/``merge`` were not given.
-            RequestTooLargeError: ``rows > max_queue_rows`` (it could never be queued).
-            BatcherClosedError: not started, stopping or stopped, or stopped while queued.
-            QueueFullError: no room for ``rows`` rows now; raised at once, nothing queued.
-            QueueTimeoutError: waited more than ``timeout_s`` in the queue.
-            Exception: whatever ``compute`` (or ``merge``) raised for this request.
+        Raises: ValueError (``rows`` not an int >= 1, or ``split``/``merge`` missing when
+        needed); RequestTooLargeError (``rows > max_queue_rows``); BatcherClosedError (not
+        started, stopping or stopped); QueueFullError (no room now, nothing queued);
+        QueueTimeoutError (waited too long); whatever ``compute`` or ``merge`` raised for it.
         """
         rows = self._admission.check_rows(rows)
         n_chunks = self._policy.chunk_count(rows, split, merge)
