@@ -213,18 +213,14 @@ class DynamicBatcher(Generic[P, R]):
         QueueTimeoutError (waited too long); whatever ``compute`` or ``merge`` raised for it.
         """
         rows = self._admission.check_rows(rows)
-        n_chunks = self._policy.chunk_count(rows, split, merge)
-        if not self.accepting:
-            raise BatcherClosedError(self._worker.closed_message())
-        pieces = self._policy.pieces(payload, rows, n_chunks, split)
-
+        pieces = self._policy.pieces(payload, rows, split, merge)  # (errors in the order: rows, split, closed)
+        worker = self._worker
         loop = asyncio.get_running_loop()
         future: asyncio.Future[R] = loop.create_future()
-        req = Request(loop, future, n_chunks, merge)
-
+        req = Request(loop, future, len(pieces), merge)
         with self._cond:
-            if self._worker.state != RUNNING:
-                raise BatcherClosedError(self._worker.closed_message())
+            if worker.state != RUNNING:
+                raise BatcherClosedError(worker.closed_message())
             refusal = self._admission.refusal(rows)
             if refusal is not None:
                 self._counts["rejected"] += 1

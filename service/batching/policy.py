@@ -44,26 +44,20 @@ class BatchPolicy(Generic[P]):
         self.max_delay_s = float(max_delay_s)
         self._queue = queue
 
-    def chunk_count(self, rows: int, split: Callable[..., Any] | None, merge: Callable[..., Any] | None) -> int:
-        """Chunks a request of ``rows`` rows becomes: ceil(rows / max_batch_rows).
+    def pieces(self, payload: P, rows: int, split: Callable[[P, int, int], P] | None,
+               merge: Callable[..., Any] | None) -> list[tuple[P, int]]:
+        """The request as ``(payload, rows)`` pieces in row order: itself, or ``split`` at every ``max_batch_rows``.
 
-        Raises ValueError when it needs more than one and ``split``/``merge`` are missing.
+        Raises ValueError when it needs cutting (``rows > max_batch_rows``) and ``split`` or ``merge`` is missing.
         """
         mbr = self.max_batch_rows
-        n_chunks = -(-rows // mbr)
-        if n_chunks > 1 and (split is None or merge is None):
+        if rows <= mbr:
+            return [(payload, rows)]
+        if split is None or merge is None:
             raise ValueError(
                 f"a request of {rows} rows exceeds max_batch_rows={mbr}: pass split(payload, start, stop) "
                 "and merge(results) so it can be chunked"
             )
-        return n_chunks
-
-    def pieces(self, payload: P, rows: int, n_chunks: int,
-               split: Callable[[P, int, int], P] | None) -> list[tuple[P, int]]:
-        """The request as ``(payload, rows)`` pieces in row order: itself, or ``split`` at every ``max_batch_rows``."""
-        if n_chunks == 1 or split is None:  # (split is None only when n_chunks == 1)
-            return [(payload, rows)]
-        mbr = self.max_batch_rows
         pieces = []
         for start in range(0, rows, mbr):
             stop = min(start + mbr, rows)

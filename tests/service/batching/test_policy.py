@@ -29,7 +29,6 @@ from tests.support.batching import (
     run,
     running,
     spawn,
-    split,
     tagged,
 )
 
@@ -249,22 +248,22 @@ def queue_of(*requests: tuple[int, float]) -> RequestQueue[str]:
     return queue
 
 
-def test_policy_chunk_count_and_pieces_cut_at_max_batch_rows() -> None:
+def test_policy_cuts_a_request_into_pieces_of_at_most_max_batch_rows() -> None:
     policy: BatchPolicy[str] = BatchPolicy(queue_of(), max_batch_rows=4, max_delay_s=0.0)
-    assert [policy.chunk_count(rows, None, None) for rows in (1, 4)] == [1, 1]  # no split needed
-    assert policy.chunk_count(9, split, merge) == 3
-    with pytest.raises(ValueError, match=r"a request of 5 rows exceeds max_batch_rows=4: pass split"):
-        policy.chunk_count(5, split, None)
     cuts: list[tuple[int, int]] = []
 
     def record(payload: str, start: int, stop: int) -> str:
         cuts.append((start, stop))
         return f"{payload}[{start}:{stop}]"
 
-    assert policy.pieces("x", 10, 3, record) == [("x[0:4]", 4), ("x[4:8]", 4), ("x[8:10]", 2)]
+    assert policy.pieces("x", 10, record, merge) == [("x[0:4]", 4), ("x[4:8]", 4), ("x[8:10]", 2)]
     assert cuts == [(0, 4), (4, 8), (8, 10)]
-    assert policy.pieces("y", 3, 1, record) == [("y", 3)]  # one chunk: never split
+    assert policy.pieces("y", 4, record, merge) == [("y", 4)]  # fits in one batch: never split
+    assert policy.pieces("z", 1, None, None) == [("z", 1)]  # ... so split and merge are not needed
     assert cuts == [(0, 4), (4, 8), (8, 10)]
+    for missing in (dict(split=record, merge=None), dict(split=None, merge=merge)):
+        with pytest.raises(ValueError, match=r"a request of 5 rows exceeds max_batch_rows=4: pass split"):
+            policy.pieces("w", 5, **missing)
 
 
 def test_policy_due_is_now_without_delay_when_full_or_draining_else_oldest_arrival_plus_delay() -> None:
