@@ -23,7 +23,7 @@ from detectors.fingerprint import model_fingerprint
 from detectors.persist import load_detector
 from service.artifacts import BUNDLED_VERSION, ArtifactStore
 from service.auth import READER_PATHS, matches, presented, secret_of
-from service.batcher import DynamicBatcher
+from service.batching import DynamicBatcher
 from service.docs import install_docs
 from service.errors import ApiError, envelope, install_error_handlers, internal_error
 from service.fitjobs import FitJobManager

@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from detectors.csm import NonFiniteLogitsError
 from detectors.presets import describe
 from service.auth import matches, presented, secret_of
-from service.batcher import BatcherClosedError, QueueFullError, QueueTimeoutError, RequestTooLargeError
+from service.batching import BatcherClosedError, QueueFullError, QueueTimeoutError, RequestTooLargeError
 from service.decode import NPY_TYPES, body_stream, decode_json_inputs, decode_npy, media_type, parse_json_body
 from service.errors import ApiError
 from service.fitdata import load_npz as _load_npz

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from detectors.gga import GGADetector
-from service.batcher import BatchInfo, Chunk
+from service.batching import BatchInfo, Chunk
 from service.metrics import ServiceMetrics
 from service.models import ModelCard
 
