@@ -11,6 +11,12 @@ the test indices and the threshold q̂. TorchCP's scores are taken with ``random
 default is randomised) on float64 logits; MAPIE's classifier is a prefit estimator whose
 predict_proba is the float64 softmax of the logits it is given as features.
 
+The environment (kept apart: TorchCP's imports pull transformers and torch_geometric):
+
+    python3 -m venv /work/venv-cp
+    /work/venv-cp/bin/pip install torch==2.13.0 numpy mapie==1.6.0
+    /work/venv-cp/bin/pip install --only-binary :all: torchcp==1.2.0 tqdm torch_geometric transformers
+
 TorchCP 1.2 imports ``torchsort`` (a C++ extension with no wheel) in a training loss module that
 this script never uses; a module that raises on use stands in for it so the package imports.
 """

@@ -200,7 +200,7 @@ READING = [
     "of the inputs can be accepted at 1% risk, i.e. about 1,000 of the 5,000 calibration images, where the bound "
     "needs at most about 5 errors; that is marginal, and about half of the splits do not get there.",
     "- 'Splits with risk <= 0.01' uses the empirical selective risk on the evaluated half (about 1,000 accepted "
-    "images on CIFAR-10): a gate whose true risk is 0.009 shows more than 0.010 there in about a third of the "
+    "images on CIFAR-10): a gate whose true risk is 0.009 shows more than 0.010 there in 29% of the "
     "splits, and the 100 splits re-use one pool of 10,000 images; the guarantee itself (violation rate <= delta) is "
     "checked against the closed-form risk of a synthetic model in tests/detectors/test_conformal.py.",
     "- MNIST: accepting every input already meets 1% (error 0.7%), so max softmax and margin accept about 100%; "
