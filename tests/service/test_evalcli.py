@@ -25,7 +25,10 @@ from detectors.datasets import load_idx_split
 from detectors.metrics import aupr_in, aupr_out, aurc, auroc, risk_at_coverage, tnr_at_tpr
 from detectors.persist import load_detector
 from detectors.zoo import MnistCNN
-from service.evalcli import MATPLOTLIB_HINT, DataSet, SetScores, draw_figures, main, roc_points
+from service.evalcli import main
+from service.evaluation.data import DataSet
+from service.evaluation.figures import MATPLOTLIB_HINT, draw_figures, roc_points
+from service.evaluation.scoring import SetScores
 from service.settings import DEFAULT_MODEL_DIR
 
 ROOT = Path(__file__).resolve().parents[2]
