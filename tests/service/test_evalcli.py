@@ -342,6 +342,7 @@ def _bad_cases(s: dict) -> list[tuple[list, str]]:
         (a[:4] + ["--url", "http://127.0.0.1:1", "--model-card", "m.json", "--out", d / "r"],
          "--model-card names the model of --detector"),
         (a[:4] + ["--url", "localhost:8000", "--out", d / "r"], "expected http://host:port"),
+        (a + ["--read-token", "t"], "--read-token is the token of the service of --url"),
     ]
 
 
