@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 import signal
 import statistics
@@ -24,6 +23,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from benchmarks.loadgen import npy_bytes
 from benchmarks.serverproc import ROOT, start_server
 from detectors.datasets import load_idx_split
 
@@ -38,12 +38,6 @@ def _metric(text: str, name: str) -> float:
     return float("nan")
 
 
-def _npy(a: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, a, allow_pickle=False)
-    return buf.getvalue()
-
-
 async def _burst(base: str, x: np.ndarray, clients: int, requests: int, rows: int, fmt: str) -> dict:
     latencies: list[float] = []
     ctype = "application/x-npy" if fmt == "npy" else "application/json"
@@ -52,7 +46,7 @@ async def _burst(base: str, x: np.ndarray, clients: int, requests: int, rows: in
     async def client(c: httpx.AsyncClient, k: int) -> None:
         for r in range(requests):
             i = ((k * requests + r) * rows) % (len(x) - rows)
-            body = _npy(x[i:i + rows]) if fmt == "npy" else json.dumps({"inputs": x[i:i + rows].tolist()}).encode()
+            body = npy_bytes(x[i:i + rows]) if fmt == "npy" else json.dumps({"inputs": x[i:i + rows].tolist()}).encode()
             t0 = time.perf_counter()
             resp = await c.post("/predict", content=body, headers={"content-type": ctype})
             latencies.append(time.perf_counter() - t0)

@@ -44,7 +44,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from benchmarks.load import _git, cpu_model
+from benchmarks.cpustat import cpu_model
+from benchmarks.harness import git_info
 from benchmarks.serverproc import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -252,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict:
     t_start = time.perf_counter()
     cmd = "python -m benchmarks.faults" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
     result = {"date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"), "command": cmd.strip(),
-              "git": _git(), "machine": _machine(), "runs": args.runs, "poll_s": POLL_S, "rows": []}
+              "git": git_info(), "machine": _machine(), "runs": args.runs, "poll_s": POLL_S, "rows": []}
     fit_body = _fit_body()
     for config, env in CONFIGS.items():
         for scenario in SCENARIOS:

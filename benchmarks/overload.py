@@ -41,25 +41,19 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.load import (
-    RESULTS,
+from benchmarks.cpustat import CpuMeter
+from benchmarks.harness import RESULTS, Server, fmt_value, free_port, git_info, log, machine_info
+from benchmarks.loadgen import (
+    Conn,
     Pinning,
     Record,
-    Server,
-    _Conn,
-    _CpuMeter,
-    _fmt,
-    _git,
-    _latency,
-    _machine,
-    _no_gc,
-    _pct,
-    _print,
     client_side,
     closed_loop,
-    free_port,
     http_request,
+    latency_summary,
     load_inputs,
+    no_gc,
+    percentile,
     request_bodies,
     send_on_schedule,
 )
@@ -85,7 +79,7 @@ def rss_mb(pid: int) -> float | None:
 async def _one_shot(host: str, port: int, raw: bytes) -> int:
     """One request on a new connection, closed after the answer; 0 on a transport error."""
     try:
-        conn = await _Conn.open(host, port)
+        conn = await Conn.open(host, port)
     except OSError:
         return 0
     try:
@@ -99,7 +93,7 @@ async def _one_shot(host: str, port: int, raw: bytes) -> int:
 
 async def overload(host: str, port: int, bodies: list[bytes], rate: float, duration_s: float, rows: int,
                    timeout_s: float, drain_s: float, seed: int, server_pid: int | None) -> dict:
-    with _no_gc():
+    with no_gc():
         return await _overload(host, port, bodies, rate, duration_s, rows, timeout_s, drain_s, seed, server_pid)
 
 
@@ -148,7 +142,7 @@ async def _overload(host: str, port: int, bodies: list[bytes], rate: float, dura
 
     t0 = time.perf_counter() + 0.05
     side = [asyncio.create_task(prober()), asyncio.create_task(sampler())]
-    with _CpuMeter(server_pid) as cpu:
+    with CpuMeter(server_pid) as cpu:
         sent_end, pending = await send_on_schedule(times, t0, one, drain_s)
     done.set()
     await asyncio.gather(*side)
@@ -160,14 +154,14 @@ async def _overload(host: str, port: int, bodies: list[bytes], rate: float, dura
     return {
         "rate_per_s": rate, "duration_s": duration_s, "sent": len(recs), "timeout_s": timeout_s,
         "statuses": {s: len(v) for s, v in sorted(by_status.items())},
-        "latency_by_status": {s: _latency(v) for s, v in sorted(by_status.items())},
+        "latency_by_status": {s: latency_summary(v) for s, v in sorted(by_status.items())},
         "late_200": len(late), "late_200_max_ms": max((1000 * (r.t1 - r.t0) for r in late), default=None),
         "goodput_rows_per_s": (len(ok) - len(late)) * rows / duration_s,
-        "healthz": {**_latency(health), "statuses": {str(s): sum(r.status == s for r in health)
+        "healthz": {**latency_summary(health), "statuses": {str(s): sum(r.status == s for r in health)
                                                      for s in sorted({r.status for r in health})}},
         "rss_mb": {"start": rss[0] if rss else None, "max": max(rss) if rss else None,
                    "end": rss[-1] if rss else None},
-        "send_lag_p99_ms": _pct([1000 * r.lag for r in recs], 99), "drain_s": time.perf_counter() - sent_end,
+        "send_lag_p99_ms": percentile([1000 * r.lag for r in recs], 99), "drain_s": time.perf_counter() - sent_end,
         "unanswered": len(pending), **cpu.as_dict(len(recs)),
     }
 
@@ -181,9 +175,9 @@ def verdicts(run: dict, sustainable_rows_per_s: float) -> list[dict]:
     return [
         {"target": "every request answered 200, 503 or 504", "measured": "yes" if not other else f"no: {other}",
          "met": not other},
-        {"target": "503 p99 <= 1 s", "measured": f"{_fmt(p99_503, 0)} ms" if p99_503 is not None else "no 503",
+        {"target": "503 p99 <= 1 s", "measured": f"{fmt_value(p99_503, 0)} ms" if p99_503 is not None else "no 503",
          "met": p99_503 is None or p99_503 <= TARGETS["p99_503_ms"]},
-        {"target": "/healthz p99 <= 1 s", "measured": f"{_fmt(hz, 0)} ms", "met": hz is not None
+        {"target": "/healthz p99 <= 1 s", "measured": f"{fmt_value(hz, 0)} ms", "met": hz is not None
          and hz <= TARGETS["p99_healthz_ms"] and set(run["healthz"]["statuses"]) == {"200"}},
         {"target": "goodput >= 60% of the sustainable rate",
          "measured": f"{share:.0%} ({run['goodput_rows_per_s']:.0f} of {sustainable_rows_per_s:.0f} rows/s)",
@@ -191,8 +185,8 @@ def verdicts(run: dict, sustainable_rows_per_s: float) -> list[dict]:
         {"target": "no 200 later than its timeout",
          "measured": f"{run['late_200']} late" + (f" (max {run['late_200_max_ms']:.0f} ms)" if run["late_200"]
                                                    else ""), "met": run["late_200"] == 0},
-        {"target": "RSS bounded", "measured": f"{_fmt(run['rss_mb']['start'], 0)} -> max "
-         f"{_fmt(run['rss_mb']['max'], 0)} MiB", "met": None},
+        {"target": "RSS bounded", "measured": f"{fmt_value(run['rss_mb']['start'], 0)} -> max "
+         f"{fmt_value(run['rss_mb']['max'], 0)} MiB", "met": None},
     ]
 
 
@@ -214,13 +208,15 @@ def markdown(result: dict) -> str:
         L += [f"## `{label}`: {' '.join(f'{k}={v}' for k, v in c['env'].items()) or 'service defaults'}", "",
               f"Sustainable: {c['sustainable_rows_per_s']:.0f} rows/s; offered {run['rate_per_s']:.0f} requests/s, "
               f"{run['sent']} sent; server CPU {run['server_cpu_util']:.0%}, client send lag p99 "
-              f"{_fmt(run['send_lag_p99_ms'], 1)} ms; batching {c['batching']}", "",
+              f"{fmt_value(run['send_lag_p99_ms'], 1)} ms; batching {c['batching']}", "",
               "| status | requests | p50 ms | p99 ms | max ms |", "|---|---|---|---|---|"]
         for st, n in run["statuses"].items():
             lat = run["latency_by_status"][st]
-            L.append(f"| {st} | {n} | {_fmt(lat['p50_ms'], 0)} | {_fmt(lat['p99_ms'], 0)} | {_fmt(lat['max_ms'], 0)} |")
+            L.append(f"| {st} | {n} | {fmt_value(lat['p50_ms'], 0)} | {fmt_value(lat['p99_ms'], 0)} | "
+                     f"{fmt_value(lat['max_ms'], 0)} |")
         hz = run["healthz"]
-        L += [f"| /healthz | {hz['n']} | {_fmt(hz['p50_ms'], 1)} | {_fmt(hz['p99_ms'], 1)} | {_fmt(hz['max_ms'], 1)} |",
+        L += [f"| /healthz | {hz['n']} | {fmt_value(hz['p50_ms'], 1)} | {fmt_value(hz['p99_ms'], 1)} | "
+              f"{fmt_value(hz['max_ms'], 1)} |",
               "", "| target | measured | met |", "|---|---|---|"]
         for v in c["targets"]:
             met = "–" if v["met"] is None else "yes" if v["met"] else "NO"
@@ -261,8 +257,8 @@ def _run(args: argparse.Namespace, pin: Pinning, cmd: str) -> dict:
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("GGA_")}
     base_env.update(GGA_TORCH_THREADS=str(args.threads), GGA_LOG_LEVEL="warning", PYTHONUNBUFFERED="1")
     result = {
-        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"), "command": cmd, "git": _git(),
-        "machine": _machine(pin),
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"), "command": cmd, "git": git_info(),
+        "machine": machine_info(pin),
         "settings": {"quick": args.quick, "pinning": pin.describe(), "threads": args.threads, "rows": 1,
                      "format": args.format, "multiple": args.multiple, "seconds": args.seconds,
                      "capacity_s": args.capacity_s, "targets": TARGETS},
@@ -274,7 +270,7 @@ def _run(args: argparse.Namespace, pin: Pinning, cmd: str) -> dict:
             port = free_port()
             env = dict(base_env, GGA_HOST="127.0.0.1", GGA_PORT=str(port), GGA_ARTIFACT_DIR=str(tmp / label),
                        **CONFIGS[label])
-            _print(f"[{label}] starting gga-serve ({' '.join(f'{a}={b}' for a, b in CONFIGS[label].items())})")
+            log(f"[{label}] starting gga-serve ({' '.join(f'{a}={b}' for a, b in CONFIGS[label].items())})")
             srv = Server([*pin.prefix(), sys.executable, "-m", "service.cli"], env, port, "/readyz",
                          tmp / f"{label}.log")
             try:
@@ -284,7 +280,7 @@ def _run(args: argparse.Namespace, pin: Pinning, cmd: str) -> dict:
                 asyncio.run(closed_loop("127.0.0.1", port, bodies, 8, 0.0, 0.5, 1))  # warm
                 cap = asyncio.run(closed_loop("127.0.0.1", port, bodies, 64, 0.5, args.capacity_s, 1, srv.pid))
                 rate = args.multiple * cap["requests_per_s"]
-                _print(f"[{label}] sustainable {cap['rows_per_s']:.0f} rows/s; overload at {rate:.0f}/s for "
+                log(f"[{label}] sustainable {cap['rows_per_s']:.0f} rows/s; overload at {rate:.0f}/s for "
                        f"{args.seconds:.0f} s")
                 run = asyncio.run(overload("127.0.0.1", port, bodies, rate, args.seconds, 1, timeout_s,
                                            drain_s=timeout_s + 10, seed=7 + k, server_pid=srv.pid))
@@ -292,7 +288,7 @@ def _run(args: argparse.Namespace, pin: Pinning, cmd: str) -> dict:
                        "sustainable_rows_per_s": cap["rows_per_s"], "overload": run,
                        "targets": verdicts(run, cap["rows_per_s"])}
                 result["configs"][label] = cfg
-                _print(f"[{label}] {run['statuses']}; " + "; ".join(
+                log(f"[{label}] {run['statuses']}; " + "; ".join(
                     f"{v['target']}: {v['measured']}" for v in cfg["targets"]))
             finally:
                 srv.stop()
@@ -300,7 +296,7 @@ def _run(args: argparse.Namespace, pin: Pinning, cmd: str) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "overload.json").write_text(json.dumps(result, indent=1, default=float) + "\n")
     (args.out / "overload.md").write_text(markdown(result) + "\n")
-    _print(f"wrote {args.out / 'overload.json'} and overload.md")
+    log(f"wrote {args.out / 'overload.json'} and overload.md")
     return result
 
 

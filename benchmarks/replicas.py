@@ -19,10 +19,9 @@ import os
 import platform
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+from benchmarks.harness import RESULTS, ROOT, git_info
+
 TEST = "tests/test_replicas.py::test_replicas_behind_nginx_pick_up_every_new_version"
 MARK = "replica figures:"
 
@@ -36,7 +35,7 @@ def main() -> int:
         print("the replica run failed or was skipped (is nginx on the PATH?)", file=sys.stderr)
         return 1
     figures = json.loads(lines[-1].split(MARK, 1)[1])
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    commit = git_info()["commit"]
     result = {"date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
               "command": "python -m benchmarks.replicas", "commit": commit,
               "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count()}, "test": TEST,

@@ -6,6 +6,12 @@
         result = client.predict(x)            # x: (B, 1, 28, 28) or one (1, 28, 28) sample
         result.labels, result.trust, result.flagged
 
+    GGAClient(url, token=ADMIN, read_token=READER)   # a service with GGA_ADMIN_TOKEN / GGA_READ_TOKEN
+
+Credentials: ``token`` (the admin token) goes with the fit calls; ``read_token`` with
+``info`` and ``predict`` (``token`` when there is no ``read_token``: the service accepts
+either on what it protects for readers); the probes carry none. See :class:`GGAClient`.
+
 :class:`GGAClient` is synchronous, :class:`AsyncGGAClient` has the same methods as
 coroutines. A 503 that carries ``Retry-After`` (the queue is full) is retried after that
 many seconds (at most ``max_retry_wait_s``), up to ``max_retries`` times; every other
@@ -68,7 +74,7 @@ class BadRequest(GGAError):
 
 
 class Unauthorized(GGAError):
-    """401 (missing or wrong admin token) or 403 (fitting disabled, path forbidden)."""
+    """401 (missing or wrong admin or read token) or 403 (fitting disabled, path forbidden)."""
 
 
 class NotFound(GGAError):
@@ -243,15 +249,35 @@ def _job_id(job: str | Mapping) -> str:
     return str(job["id"]) if isinstance(job, Mapping) else str(job)
 
 
-class _Base:
-    """What the sync and the async client share: URLs, headers, the batch, the retry policy."""
+def _json(response: httpx.Response) -> Any:
+    return response.json()
 
-    def __init__(self, base_url: str, token: str | None, timeout: float | httpx.Timeout, max_retries: int,
-                 max_retry_wait_s: float, input_shape: Sequence[int] | None) -> None:
+
+def _predict_result(response: httpx.Response) -> PredictResult:
+    return _parse_predict(response.json())
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One request of the API, built once for both clients: what to send and how to read the answer."""
+
+    method: str
+    path: str
+    parse: Callable[[httpx.Response], Any] = _json
+    kwargs: dict = field(default_factory=dict)
+
+
+class _Base:
+    """What the sync and the async client share: the calls of the API (URL, credentials, body, how the
+    answer is read), the batch, the retry policy and the fit poll. The two subclasses only send."""
+
+    def __init__(self, base_url: str, token: str | None, read_token: str | None, timeout: float | httpx.Timeout,
+                 max_retries: int, max_retry_wait_s: float, input_shape: Sequence[int] | None) -> None:
         if max_retries < 0:
             raise ValueError("max_retries must be >= 0")
         self.base_url = base_url.rstrip("/")
         self.token = token
+        self.read_token = read_token
         self.timeout = timeout
         self.max_retries = max_retries
         self.max_retry_wait_s = max_retry_wait_s
@@ -260,8 +286,17 @@ class _Base:
     def _url(self, path: str) -> str:
         return f"{self.base_url}{path}"
 
+    @staticmethod
+    def _bearer(token: str | None) -> dict[str, str]:
+        return {"authorization": f"Bearer {token}"} if token else {}
+
     def _auth(self) -> dict[str, str]:
-        return {"authorization": f"Bearer {self.token}"} if self.token else {}
+        """The admin credential (``token``): the fit calls."""
+        return self._bearer(self.token)
+
+    def _read_auth(self) -> dict[str, str]:
+        """The reader credential: ``read_token``, else ``token`` (the service opens its reader paths to either)."""
+        return self._bearer(self.read_token or self.token)
 
     def _batch(self, x: np.ndarray, shape: tuple[int, ...] | None) -> np.ndarray:
         """float32, C order; one sample of the input shape becomes a batch of one."""
@@ -282,6 +317,38 @@ class _Base:
             return None
         return min(wait, self.max_retry_wait_s)
 
+    # the calls: one definition each, sent by GGAClient._send or AsyncGGAClient._send
+
+    def _info_call(self) -> _Call:
+        return _Call("GET", "/info", kwargs={"headers": self._read_auth()})
+
+    def _health_call(self) -> _Call:
+        return _Call("GET", "/healthz")
+
+    def _predict_call(self, x: np.ndarray, return_csm: bool) -> _Call:
+        batch = self._batch(x, self.input_shape)
+        headers = {"content-type": NPY, **self._read_auth()}
+        params = {"return_csm": "true"} if return_csm else None
+        return _Call("POST", "/predict", _predict_result,
+                     {"content": _npy(batch), "headers": headers, "params": params})
+
+    def _fit_call(self, data, y, x_cal, y_cal, preset, top_n, alpha) -> _Call:
+        files = {"file": ("fit.npz", _npz_upload(data, y, x_cal, y_cal), "application/octet-stream")}
+        return _Call("POST", "/fit", kwargs={"files": files, "data": _fit_form(preset, top_n, alpha),
+                                             "headers": self._auth()})
+
+    def _fit_status_call(self, job_id: str | Mapping) -> _Call:
+        return _Call("GET", f"/fit/{_job_id(job_id)}", kwargs={"headers": self._auth()})
+
+    @staticmethod
+    def _fit_done(job: dict, job_id: str | Mapping, deadline: float, timeout_s: float) -> bool:
+        """Whether a polled job is final; ``TimeoutError`` when it is not and ``deadline`` has passed."""
+        if job["state"] in FINAL_STATES:
+            return True
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"fit job {_job_id(job_id)} is still {job['state']} after {timeout_s} s")
+        return False
+
 
 def _checked(response: httpx.Response) -> httpx.Response:
     if response.status_code >= 400:
@@ -295,21 +362,33 @@ def _checked(response: httpx.Response) -> httpx.Response:
 class GGAClient(_Base):
     """Synchronous client.
 
-    ``base_url``: the service (``http://localhost:8000``). ``token``: the admin token, sent as
-    a bearer token with the fit calls only. ``timeout``: seconds per HTTP request (of the
-    client this one builds; an injected ``client`` keeps its own).
-    ``max_retries``: retries of a 503 that carries Retry-After, each after that many seconds
-    (at most ``max_retry_wait_s``). ``input_shape``: the model's input shape; if not given,
-    read from ``/info`` once, on the first ``predict``. ``client`` or ``transport``: an
-    ``httpx.Client`` (not closed by this client) or a transport to build one on (tests).
-    ``sleep``: how to wait between retries and polls (tests pass a recorder).
+    ``base_url``: the service (``http://localhost:8000``). Credentials, each sent as
+    ``Authorization: Bearer <token>``:
+
+    - ``token``: the admin token (``GGA_ADMIN_TOKEN``), sent with the fit calls (``fit``,
+      ``fit_status``, ``wait_fit``);
+    - ``read_token``: the read token (``GGA_READ_TOKEN``), sent with the reading calls
+      (``info``, and ``predict``, which reads ``/info`` for the input shape when none is
+      given). Without ``read_token`` those calls carry ``token`` instead: the service opens
+      what it protects for readers to the admin token too, so one admin token serves every
+      call. With neither, nothing is sent and a service with a read token answers 401
+      (:class:`Unauthorized`) to ``info``.
+    - The probes (``health``, ``ready``) carry no credential: the service never asks for one.
+
+    ``timeout``: seconds per HTTP request (of the client this one builds; an injected
+    ``client`` keeps its own). ``max_retries``: retries of a 503 that carries Retry-After,
+    each after that many seconds (at most ``max_retry_wait_s``). ``input_shape``: the
+    model's input shape; if not given, read from ``/info`` once, on the first ``predict``.
+    ``client`` or ``transport``: an ``httpx.Client`` (not closed by this client) or a
+    transport to build one on (tests). ``sleep``: how to wait between retries and polls
+    (tests pass a recorder).
     """
 
-    def __init__(self, base_url: str, token: str | None = None, *, timeout: float | httpx.Timeout = 30.0,
-                 max_retries: int = 3, max_retry_wait_s: float = 30.0, input_shape: Sequence[int] | None = None,
-                 client: httpx.Client | None = None, transport: httpx.BaseTransport | None = None,
-                 sleep: Callable[[float], Any] = time.sleep) -> None:
-        super().__init__(base_url, token, timeout, max_retries, max_retry_wait_s, input_shape)
+    def __init__(self, base_url: str, token: str | None = None, *, read_token: str | None = None,
+                 timeout: float | httpx.Timeout = 30.0, max_retries: int = 3, max_retry_wait_s: float = 30.0,
+                 input_shape: Sequence[int] | None = None, client: httpx.Client | None = None,
+                 transport: httpx.BaseTransport | None = None, sleep: Callable[[float], Any] = time.sleep) -> None:
+        super().__init__(base_url, token, read_token, timeout, max_retries, max_retry_wait_s, input_shape)
         if client is not None and transport is not None:
             raise TypeError("pass either client or transport, not both")
         self._owns = client is None
@@ -326,13 +405,14 @@ class GGAClient(_Base):
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _request(self, method: str, path: str, *, retry: bool = True, **kw) -> httpx.Response:
+    def _send(self, call: _Call) -> Any:
+        """Send ``call``, retrying a 503 with Retry-After; its parsed answer, or the typed error."""
         attempt = 0
         while True:
-            response = self._http.request(method, self._url(path), **kw)
-            wait = self._wait_for(response, attempt) if retry else None
+            response = self._http.request(call.method, self._url(call.path), **call.kwargs)
+            wait = self._wait_for(response, attempt)
             if wait is None:
-                return _checked(response)
+                return call.parse(_checked(response))
             attempt += 1
             self._sleep(wait)
 
@@ -340,16 +420,13 @@ class GGAClient(_Base):
         """Predictions with trust for a batch (B, *input_shape) or one sample (*input_shape)."""
         if self._needs_shape(x):
             self.input_shape = tuple(self.info()["input_shape"])
-        batch = self._batch(x, self.input_shape)
-        params = {"return_csm": "true"} if return_csm else None
-        r = self._request("POST", "/predict", content=_npy(batch), headers={"content-type": NPY}, params=params)
-        return _parse_predict(r.json())
+        return self._send(self._predict_call(x, return_csm))
 
     def info(self) -> dict:
-        return self._request("GET", "/info").json()
+        return self._send(self._info_call())
 
     def health(self) -> dict:
-        return self._request("GET", "/healthz").json()
+        return self._send(self._health_call())
 
     def ready(self) -> bool:
         """Whether ``/readyz`` answers 200 (model and detector loaded); False on 503 or no connection."""
@@ -363,37 +440,33 @@ class GGAClient(_Base):
             top_n: int | str | None = None, alpha: float | None = None) -> dict:
         """Start a fit job on an ``.npz`` file or on arrays ``x, y`` (and held-out ``x_cal, y_cal``);
         returns the job (``{"id", "state", "status_url"}``). Needs the admin token."""
-        files = {"file": ("fit.npz", _npz_upload(data, y, x_cal, y_cal), "application/octet-stream")}
-        return self._request("POST", "/fit", files=files, data=_fit_form(preset, top_n, alpha),
-                             headers=self._auth()).json()
+        return self._send(self._fit_call(data, y, x_cal, y_cal, preset, top_n, alpha))
 
     def fit_status(self, job_id: str | Mapping) -> dict:
-        return self._request("GET", f"/fit/{_job_id(job_id)}", headers=self._auth()).json()
+        return self._send(self._fit_status_call(job_id))
 
     def wait_fit(self, job_id: str | Mapping, poll_s: float = 0.5, timeout_s: float = 3600.0) -> dict:
         """Poll until the job has succeeded or failed and return it (check ``job["state"]``);
         ``TimeoutError`` if it is still running after ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
-        while True:
-            job = self.fit_status(job_id)
-            if job["state"] in FINAL_STATES:
-                return job
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"fit job {_job_id(job_id)} is still {job['state']} after {timeout_s} s")
+        while not self._fit_done(job := self.fit_status(job_id), job_id, deadline, timeout_s):
             self._sleep(poll_s)
+        return job
 
 
 # --------------------------------------------------------------------------- async
 
 
 class AsyncGGAClient(_Base):
-    """The :class:`GGAClient` methods as coroutines, on an ``httpx.AsyncClient``."""
+    """The :class:`GGAClient` methods as coroutines, on an ``httpx.AsyncClient``; the same credentials
+    (``token`` for the fit calls, ``read_token``, else ``token``, for ``info`` and ``predict``)."""
 
-    def __init__(self, base_url: str, token: str | None = None, *, timeout: float | httpx.Timeout = 30.0,
-                 max_retries: int = 3, max_retry_wait_s: float = 30.0, input_shape: Sequence[int] | None = None,
-                 client: httpx.AsyncClient | None = None, transport: httpx.AsyncBaseTransport | None = None,
+    def __init__(self, base_url: str, token: str | None = None, *, read_token: str | None = None,
+                 timeout: float | httpx.Timeout = 30.0, max_retries: int = 3, max_retry_wait_s: float = 30.0,
+                 input_shape: Sequence[int] | None = None, client: httpx.AsyncClient | None = None,
+                 transport: httpx.AsyncBaseTransport | None = None,
                  sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep) -> None:
-        super().__init__(base_url, token, timeout, max_retries, max_retry_wait_s, input_shape)
+        super().__init__(base_url, token, read_token, timeout, max_retries, max_retry_wait_s, input_shape)
         if client is not None and transport is not None:
             raise TypeError("pass either client or transport, not both")
         self._owns = client is None
@@ -410,30 +483,26 @@ class AsyncGGAClient(_Base):
     async def __aexit__(self, *exc) -> None:
         await self.aclose()
 
-    async def _request(self, method: str, path: str, *, retry: bool = True, **kw) -> httpx.Response:
+    async def _send(self, call: _Call) -> Any:
         attempt = 0
         while True:
-            response = await self._http.request(method, self._url(path), **kw)
-            wait = self._wait_for(response, attempt) if retry else None
+            response = await self._http.request(call.method, self._url(call.path), **call.kwargs)
+            wait = self._wait_for(response, attempt)
             if wait is None:
-                return _checked(response)
+                return call.parse(_checked(response))
             attempt += 1
             await self._sleep(wait)
 
     async def predict(self, x: np.ndarray, return_csm: bool = False) -> PredictResult:
         if self._needs_shape(x):
             self.input_shape = tuple((await self.info())["input_shape"])
-        batch = self._batch(x, self.input_shape)
-        params = {"return_csm": "true"} if return_csm else None
-        r = await self._request("POST", "/predict", content=_npy(batch), headers={"content-type": NPY},
-                                params=params)
-        return _parse_predict(r.json())
+        return await self._send(self._predict_call(x, return_csm))
 
     async def info(self) -> dict:
-        return (await self._request("GET", "/info")).json()
+        return await self._send(self._info_call())
 
     async def health(self) -> dict:
-        return (await self._request("GET", "/healthz")).json()
+        return await self._send(self._health_call())
 
     async def ready(self) -> bool:
         try:
@@ -444,20 +513,13 @@ class AsyncGGAClient(_Base):
     async def fit(self, data: str | os.PathLike | np.ndarray, y: np.ndarray | None = None,
                   x_cal: np.ndarray | None = None, y_cal: np.ndarray | None = None, *, preset: str | None = None,
                   top_n: int | str | None = None, alpha: float | None = None) -> dict:
-        files = {"file": ("fit.npz", _npz_upload(data, y, x_cal, y_cal), "application/octet-stream")}
-        r = await self._request("POST", "/fit", files=files, data=_fit_form(preset, top_n, alpha),
-                                headers=self._auth())
-        return r.json()
+        return await self._send(self._fit_call(data, y, x_cal, y_cal, preset, top_n, alpha))
 
     async def fit_status(self, job_id: str | Mapping) -> dict:
-        return (await self._request("GET", f"/fit/{_job_id(job_id)}", headers=self._auth())).json()
+        return await self._send(self._fit_status_call(job_id))
 
     async def wait_fit(self, job_id: str | Mapping, poll_s: float = 0.5, timeout_s: float = 3600.0) -> dict:
         deadline = time.monotonic() + timeout_s
-        while True:
-            job = await self.fit_status(job_id)
-            if job["state"] in FINAL_STATES:
-                return job
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"fit job {_job_id(job_id)} is still {job['state']} after {timeout_s} s")
+        while not self._fit_done(job := await self.fit_status(job_id), job_id, deadline, timeout_s):
             await self._sleep(poll_s)
+        return job

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import load
+from benchmarks import loadgen
+from benchmarks.litserve_api import LITSERVE
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -65,10 +66,10 @@ def test_client_speaks_keep_alive_http(echo_server):
     port = echo_server
 
     async def go():
-        c = await load._Conn.open("127.0.0.1", port)
-        got = [await c.request(load.http_request("127.0.0.1", port, "POST", "/x", b"abc", "text/plain")),
-               await c.request(load.http_request("127.0.0.1", port, "GET", "/chunked")),
-               await c.request(load.http_request("127.0.0.1", port, "GET", "/busy"))]
+        c = await loadgen.Conn.open("127.0.0.1", port)
+        got = [await c.request(loadgen.http_request("127.0.0.1", port, "POST", "/x", b"abc", "text/plain")),
+               await c.request(loadgen.http_request("127.0.0.1", port, "GET", "/chunked")),
+               await c.request(loadgen.http_request("127.0.0.1", port, "GET", "/busy"))]
         c.close()
         return got
 
@@ -77,11 +78,11 @@ def test_client_speaks_keep_alive_http(echo_server):
 
 def test_closed_and_open_loop_count_every_request(echo_server):
     port = echo_server
-    bodies = [load.http_request("127.0.0.1", port, "GET", p) for p in ("/a", "/busy")]
-    closed = asyncio.run(load.closed_loop("127.0.0.1", port, bodies, 4, 0.05, 0.3, 1))
+    bodies = [loadgen.http_request("127.0.0.1", port, "GET", p) for p in ("/a", "/busy")]
+    closed = asyncio.run(loadgen.closed_loop("127.0.0.1", port, bodies, 4, 0.05, 0.3, 1))
     assert closed["requests"] == sum(closed["statuses"].values()) > 0
     assert set(closed["statuses"]) == {"200", "503"}
-    opened = asyncio.run(load.open_loop("127.0.0.1", port, bodies, 200.0, 0.3, 1, 5.0, 1000.0, seed=0))
+    opened = asyncio.run(loadgen.open_loop("127.0.0.1", port, bodies, 200.0, 0.3, 1, 5.0, 1000.0, seed=0))
     assert opened["sent"] == sum(opened["statuses"].values()) > 20
     assert set(opened["latency_by_status"]) == {"200", "503"} and opened["unanswered"] == 0
     assert opened["goodput_rows_per_s"] <= opened["sent_per_s"]
@@ -112,7 +113,7 @@ def test_quick_run_end_to_end(tmp_path):
             assert opened["multiple"] == 2.0 and opened["sent"] == sum(opened["statuses"].values())
     assert set(out["configs"]) == {"default", "batch1"}
     lit = out["litserve"]
-    if load._ls is None:
+    if LITSERVE is None:
         assert "not installed" in lit["skipped"] and "LitServe: skipped" in md
     else:
         assert lit["closed"]["npy"]["1"]["statuses"].get("200", 0) > 0

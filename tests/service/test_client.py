@@ -4,6 +4,7 @@ fake transports for the retry policy and the typed errors."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import re
@@ -13,6 +14,7 @@ import warnings
 import httpx
 import numpy as np
 import pytest
+import torch
 from prometheus_client import CollectorRegistry
 
 from benchmarks.serverproc import ROOT, start_server, stop_server
@@ -359,3 +361,144 @@ def test_readme_client_examples_against_a_real_server(tmp_path, capsys):
     assert out[1] == "succeeded v1", out
     assert out[2].startswith("[7, 2, 1, 0, 4, 1, 4, 9"), out
     assert out[3].startswith("422 invalid_shape input has shape (2, 28, 28); expected (B, 1, 28, 28)"), out
+
+
+# --------------------------------------------------------------------------- credentials
+
+
+READER, ADMIN = "reader-token", "admin-token"
+
+
+class _Recorder:
+    """A fake service that answers every call and records (method, path, Authorization) of each."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str, str | None]] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.seen.append((request.method, request.url.path, request.headers.get("authorization")))
+        if request.url.path == "/info":
+            return httpx.Response(200, json={"input_shape": list(SHAPE)})
+        if request.url.path == "/predict":
+            return httpx.Response(200, json=_ok_body(1))
+        if request.url.path.startswith("/fit"):
+            return httpx.Response(200, json={"id": "j1", "state": "succeeded"})
+        return httpx.Response(200, json={"status": "ok"})
+
+
+def _every_call(c: GGAClient) -> None:
+    c.predict(np.zeros(SHAPE, np.float32))  # reads /info first (no input_shape given)
+    c.info()
+    c.health()
+    c.fit(np.zeros((2, *SHAPE), np.float32), np.zeros(2, np.int64))
+    c.wait_fit("j1")
+
+
+async def _every_call_async(c: AsyncGGAClient) -> None:
+    await c.predict(np.zeros(SHAPE, np.float32))
+    await c.info()
+    await c.health()
+    await c.fit(np.zeros((2, *SHAPE), np.float32), np.zeros(2, np.int64))
+    await c.wait_fit("j1")
+
+
+@pytest.mark.parametrize(("token", "read_token", "reader_sends", "admin_sends"), [
+    (ADMIN, READER, f"Bearer {READER}", f"Bearer {ADMIN}"),  # each call its own token
+    (ADMIN, None, f"Bearer {ADMIN}", f"Bearer {ADMIN}"),  # the admin token opens the reader calls too
+    (None, READER, f"Bearer {READER}", None),  # a reader: the fit calls go without (the service answers 401)
+    (None, None, None, None),
+])
+def test_each_call_carries_its_credential(token, read_token, reader_sends, admin_sends):
+    expected = [("GET", "/info", reader_sends), ("POST", "/predict", reader_sends), ("GET", "/info", reader_sends),
+                ("GET", "/healthz", None), ("POST", "/fit", admin_sends), ("GET", "/fit/j1", admin_sends)]
+    sync = _Recorder()
+    _every_call(GGAClient("http://svc", token=token, read_token=read_token, transport=httpx.MockTransport(sync)))
+    assert sync.seen == expected
+    asyn = _Recorder()
+
+    async def go():
+        async with AsyncGGAClient("http://svc", token=token, read_token=read_token,
+                                  transport=httpx.MockTransport(asyn)) as c:
+            await _every_call_async(c)
+
+    asyncio.run(go())
+    assert asyn.seen == expected
+
+
+def test_read_token_against_a_real_server(tmp_path, mnist_test, reference, monkeypatch):
+    """A service with GGA_READ_TOKEN and GGA_ADMIN_TOKEN: /info and predict (which reads /info for the
+    shape) need a token, the read token or the admin token; both clients; gga-eval --url with it."""
+    from detectors.metrics import auroc, tnr_at_tpr
+    from service.evalcli import main as gga_eval
+
+    x, y = mnist_test[0][:24], mnist_test[1][:24]
+    noise = np.random.default_rng(0).uniform(0, 1, (24, *SHAPE)).astype(np.float32)
+    np.savez(tmp_path / "clean.npz", x=x, y=y)
+    np.savez(tmp_path / "noise.npz", x=noise)
+    monkeypatch.delenv("GGA_READ_TOKEN", raising=False)
+
+    def evaluate(out, *extra) -> tuple[int, str]:
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code = gga_eval(["--in", str(tmp_path / "clean.npz"), "--ood", f"noise={tmp_path / 'noise.npz'}",
+                             "--url", base, "--out", str(tmp_path / out), "--no-progress", "--batch-size", "8",
+                             *extra])
+        return code, err.getvalue()
+
+    env = dict(GGA_ARTIFACT_DIR=str(tmp_path / "a"), GGA_LOG_LEVEL="warning", GGA_READ_TOKEN=READER,
+               GGA_ADMIN_TOKEN=ADMIN)
+    proc, base = start_server(env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        refused = []
+        for kwargs in ({}, {"read_token": "wrong"}):
+            with GGAClient(base, timeout=30, **kwargs) as c:
+                for call in (c.info, lambda c=c: c.predict(x[:2])):
+                    with pytest.raises(Unauthorized) as e:
+                        call()
+                    refused.append((e.value.status, e.value.type))
+        with GGAClient(base, read_token=READER, timeout=30) as c:
+            info = c.info()
+            res = c.predict(x[:3])
+        with GGAClient(base, token=ADMIN, timeout=30) as c:  # one admin token for every call
+            res_admin = c.predict(x[:3])
+
+        async def go():
+            async with AsyncGGAClient(base, timeout=30) as c:
+                with pytest.raises(Unauthorized) as e:
+                    await c.info()
+            async with AsyncGGAClient(base, read_token=READER, timeout=30) as c:
+                return e.value.status, await c.predict(x[:3])
+
+        async_refused, res_async = asyncio.run(go())
+        no_token = evaluate("r_none")
+        with_flag = evaluate("r_flag", "--read-token", READER)
+        monkeypatch.setenv("GGA_READ_TOKEN", READER)  # the environment's, as for the service
+        with_env = evaluate("r_env")
+    finally:
+        out = stop_server(proc)
+    assert refused == [(401, "unauthorized")] * 4
+    assert async_refused == 401
+    assert info["input_shape"] == list(SHAPE)
+    assert res.labels.tolist() == res_admin.labels.tolist() == res_async.labels.tolist() == y[:3].tolist()
+    exp = expected_rows(reference, x[:3])
+    assert res.trust.tolist() == pytest.approx([e["trust"] for e in exp], abs=1e-12)
+    assert res_async.trust.tolist() == res.trust.tolist() == res_admin.trust.tolist()
+
+    code, err = no_token
+    assert code == 1 and "/info answered 401 unauthorized" in err and "--read-token, or GGA_READ_TOKEN" in err, err
+    assert not (tmp_path / "r_none").exists()
+    for (code, err), name in ((with_flag, "r_flag"), (with_env, "r_env")):
+        assert code == 0, err
+        doc = json.loads((tmp_path / name / "report.json").read_text())
+        assert READER not in (tmp_path / name / "report.md").read_text()
+        assert doc["mode"] == "url" and doc["clean"]["n"] == 24 and doc["sets"]["noise"]["n"] == 24
+        with np.load(tmp_path / name / "scores.npz") as z:
+            right = z["clean.label"] == y
+            s_in, s_out = z["clean.score"][right], z["noise.score"]
+            np.testing.assert_allclose(z["clean.score"], reference.score(torch.from_numpy(x)).score.numpy(),
+                                       rtol=1e-5)
+        assert doc["clean"]["n_positives"] == int(right.sum())
+        assert doc["sets"]["noise"]["auroc"] == auroc(s_in, s_out)
+        assert doc["sets"]["noise"]["tnr_at_95_tpr"] == tnr_at_tpr(s_in, s_out, 0.95)
+    assert "--read-token HIDDEN" in json.loads((tmp_path / "r_flag" / "report.json").read_text())["command"]
+    assert "Traceback" not in out, out

@@ -25,7 +25,10 @@ from detectors.datasets import load_idx_split
 from detectors.metrics import aupr_in, aupr_out, aurc, auroc, risk_at_coverage, tnr_at_tpr
 from detectors.persist import load_detector
 from detectors.zoo import MnistCNN
-from service.evalcli import MATPLOTLIB_HINT, DataSet, SetScores, draw_figures, main, roc_points
+from service.evalcli import main
+from service.evaluation.data import DataSet
+from service.evaluation.figures import MATPLOTLIB_HINT, draw_figures, roc_points
+from service.evaluation.scoring import SetScores
 from service.settings import DEFAULT_MODEL_DIR
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -339,6 +342,7 @@ def _bad_cases(s: dict) -> list[tuple[list, str]]:
         (a[:4] + ["--url", "http://127.0.0.1:1", "--model-card", "m.json", "--out", d / "r"],
          "--model-card names the model of --detector"),
         (a[:4] + ["--url", "localhost:8000", "--out", d / "r"], "expected http://host:port"),
+        (a + ["--read-token", "t"], "--read-token is the token of the service of --url"),
     ]
 
 
