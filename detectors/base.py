@@ -243,6 +243,12 @@ class DetectorBase:
     def fitted(self) -> bool:
         raise NotImplementedError
 
+    @property
+    def threshold(self) -> float:
+        """The score above which ``flagged`` (``trust < alpha``): +inf when no score can be flagged,
+        NaN before the detector is calibrated. Every kind keeps its calibration in ``self.calibration``."""
+        return self.calibration.threshold if self.calibration.fitted else math.nan
+
     def _check_fitted(self) -> None:
         if not self.fitted:
             raise RuntimeError("the detector is not fitted: call fit(x, y) or load a saved one with "
@@ -330,12 +336,6 @@ class BaselineDetector(DetectorBase):
     def fitted(self) -> bool:
         """Calibrated (a saved or served baseline needs its calibration)."""
         return self.calibration.fitted
-
-    @property
-    def threshold(self) -> float:
-        if not self.calibration.fitted:
-            raise RuntimeError(f"{type(self).__name__} is not calibrated: call fit(x, y, calibration=x_cal)")
-        return self.calibration.threshold
 
     def _fit_state(self, x: torch.Tensor, y, batch_size: int, progress: Progress | None,
                    run: BatchRunner | None, total: int) -> None:

@@ -216,10 +216,6 @@ class CompositeDetector(DetectorBase):
         return self.calibration.fitted
 
     @property
-    def threshold(self) -> float:
-        return self.calibration.threshold
-
-    @property
     def component_names(self) -> list[str]:
         c = self.config
         names = ["gga"] if c.use_gga else []

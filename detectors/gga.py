@@ -121,11 +121,6 @@ class GGADetector(DetectorBase):
         return ["gga" + ("+softmax" if self.config.include_softmax else "")]
 
     @property
-    def threshold(self) -> float:
-        self._check_fitted()
-        return self.calibration.threshold
-
-    @property
     def calibration_scores(self) -> torch.Tensor | None:
         """The sorted LODA scores of the calibration part (float64 [n]); None before fit."""
         return self.calibration.scores
