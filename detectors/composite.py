@@ -53,22 +53,13 @@ from typing import Self
 import torch
 
 from detectors.autotune import check_strategy, strategy_for
-from detectors.base import (
-    BatchRunner,
-    DetectorBase,
-    Progress,
-    Scores,
-    check_xy,
-    fit_total,
-    map_batches,
-    model_device,
-    seeded_permutation,
-)
+from detectors.base import DetectorBase, Scores, model_device
 from detectors.calibration import ConformalCalibration
 from detectors.csm import check_logits, cosine_similarity_maps
 from detectors.energy import energy_score
 from detectors.features import csm_features
 from detectors.fingerprint import model_fingerprint
+from detectors.fitting import BatchRunner, Progress, check_xy, fit_total, map_batches, seeded_permutation
 from detectors.gaussian import TiedGaussian
 from detectors.loda import LODA
 from detectors.pvalues import ReferenceTails, combine

@@ -17,22 +17,20 @@ from typing import Self
 import torch
 
 from detectors.autotune import check_strategy, strategy_for
-from detectors.base import (
-    BatchRunner,
-    DetectorBase,
-    Progress,
-    Scores,
-    check_xy,
-    fit_total,
-    map_batches,
-    model_device,
-    seeded_permutation,
-    shifted_progress,
-)
+from detectors.base import DetectorBase, Scores, model_device
 from detectors.calibration import ConformalCalibration, min_calibration_size
 from detectors.csm import CHANNEL_REDUCTIONS, cosine_similarity_maps
 from detectors.features import feature_names, gga_features
 from detectors.fingerprint import model_fingerprint
+from detectors.fitting import (
+    BatchRunner,
+    Progress,
+    check_xy,
+    fit_total,
+    map_batches,
+    seeded_permutation,
+    shifted_progress,
+)
 from detectors.loda import LODA
 from detectors.storage import FingerprintMismatchError
 

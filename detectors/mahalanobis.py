@@ -8,16 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from detectors.base import (
-    BaselineDetector,
-    BatchRunner,
-    Progress,
-    as_inputs,
-    check_alpha,
-    check_epsilon,
-    map_batches,
-    model_device,
-)
+from detectors.base import BaselineDetector, as_inputs, check_alpha, check_epsilon, model_device
+from detectors.fitting import BatchRunner, Progress, map_batches
 from detectors.gaussian import TiedGaussian, mahalanobis_distances, mahalanobis_min_distance
 
 __all__ = ["Mahalanobis", "MahalanobisConfig", "mahalanobis_distances", "mahalanobis_min_distance"]
