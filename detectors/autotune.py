@@ -117,6 +117,13 @@ class StrategyTable:
         return "; ".join(parts)
 
 
+def check_strategy(strategy: str | StrategyTable) -> str | StrategyTable:
+    """``strategy`` when it is one of :data:`detectors.csm.STRATEGIES` or a :class:`StrategyTable`."""
+    if not isinstance(strategy, StrategyTable) and strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    return strategy
+
+
 def strategy_for(strategy: str | StrategyTable, batch: int) -> str:
     """The strategy name for a batch of ``batch`` rows: ``strategy`` itself when it is a name,
     ``strategy.pick(batch)`` when it is a :class:`StrategyTable`."""

@@ -1,63 +1,119 @@
-"""The detector contract shared by every method of the package, and its helpers.
+"""The detector contract shared by every method of the package, and the code they share.
 
-Every detector (GGA, MSP, energy, ODIN, Mahalanobis, the composite) follows one small
-protocol, :class:`Detector`:
+Every detector (GGA, the composite, MSP, energy, ODIN, Mahalanobis) is a :class:`Detector`:
 
-- ``fit(x, y, ...) -> Self`` on labelled in-distribution data x [n, *input_shape];
-- ``score(x)``: per-sample anomaly scores, **higher = more anomalous** (the plain
-  baselines return a float64 tensor [B]; GGA and the composite return a result with the
-  prediction, the raw ``score``, ``trust`` and ``flagged``);
-- ``state_dict()`` / ``load_state_dict(state)``: the fitted state as tensors.
+- ``fit(x, y, *, calibration=None, progress=None, run=None) -> Self`` on labelled
+  in-distribution data x [n, *input_shape], y [n]; ``calibration``: held-out data
+  ``(x_cal, y_cal)`` for the conformal calibration; ``progress(done, total)`` after each
+  batch; ``run(fn)`` runs each batch's model pass (:data:`BatchRunner`);
+- ``score(x, *, return_csm=False) -> Scores``: per sample the raw ``score``
+  (**higher = more anomalous**), ``trust`` = the conformal p-value
+  (1 + #{c_i >= score}) / (n + 1) against the n calibration scores c_i
+  (:mod:`detectors.calibration`) and ``flagged = trust < alpha``;
+- ``state_dict()`` / ``load_state_dict(state)``: the fitted state as tensors;
+  ``metadata()``: what the JSON of a saved detector holds; ``save(directory)`` and the
+  classmethod ``load(directory, model)`` (files: :mod:`detectors.storage`; any kind:
+  :func:`detectors.persist.load_detector`);
+- ``kind`` (the registry's name of the class), ``components`` (the names of the signals
+  it combines; one name for a single-signal detector), ``alpha``, ``threshold`` (the score
+  above which ``flagged``), ``top_n`` (classes in the CSM, None: all or no CSM) and
+  ``strategy`` (how the CSM's gradient passes run, :mod:`detectors.csm`; None without a CSM),
+  ``preset`` (the :mod:`detectors.presets` name it was built from, or None).
 
-:class:`Calibrated` puts the same conformal calibration
-(:class:`detectors.calibration.ConformalCalibration`) behind any of them: scores of
-held-out in-distribution data become ``trust`` (a conformal p-value) and ``flagged``
-(trust < alpha).
-
-Common behaviour of the logit baselines: ``x`` is processed in batches of
-``batch_size`` on the model's device and the scores come back on the CPU; input
-gradients use ``torch.autograd.grad(..., inputs=x)`` (no gradient reaches the
-parameters, and it works under ``torch.no_grad()`` / ``inference_mode``); the model's
-train/eval mode is never changed.
+:class:`DetectorBase` holds what every detector shares (metadata, save, load with its
+kind, version and fingerprint checks; the fits' shared steps are in :mod:`detectors.fitting`);
+:class:`BaselineDetector` adds the batching and
+the optional conformal calibration of the single-score baselines. Common behaviour of the
+logit baselines: ``x`` is processed in batches of ``batch_size`` on the model's device and
+the scores come back on the CPU; input gradients use ``torch.autograd.grad(..., inputs=x)``
+(no gradient reaches the parameters, and it works under ``torch.no_grad()`` /
+``inference_mode``); the model's train/eval mode is never changed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import Any, Protocol, Self, runtime_checkable
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, Self, runtime_checkable
 
 import torch
 from torch import nn
 
 from detectors.calibration import ConformalCalibration
+from detectors.fingerprint import model_fingerprint
+from detectors.fitting import BatchRunner, Progress, check_batch_size, map_batches
+from detectors.storage import WrongDetectorKindError, detector_kind, read_meta, read_tensors, write_detector
+from detectors.storage import check_fingerprint as verify_fingerprint
 
-# How a fit runs one batch's model pass: ``run(fn)`` calls ``fn()`` (somewhere: on a serving
-# worker thread between its batches, say) and returns its result.
-BatchRunner = Callable[[Callable[[], Any]], Any]
+
+@dataclass
+class Scores:
+    """Per-sample results of ``score(x)``, CPU tensors of length B.
+
+    ``score`` and, for a calibrated detector, ``trust`` and ``flagged`` are always there;
+    the prediction fields are None for detectors that do not report it (the baselines).
+    """
+
+    label: torch.Tensor | None = None  # int64 [B], predicted class
+    confidence: torch.Tensor | None = None  # float32 [B], softmax probability of the predicted class
+    top_classes: torch.Tensor | None = None  # int64 [B, N], top-N classes, predicted first
+    score: torch.Tensor | None = None  # float64 [B], higher = more anomalous
+    trust: torch.Tensor | None = None  # float64 [B], conformal p-value in (0, 1]; None: not calibrated
+    flagged: torch.Tensor | None = None  # bool [B], trust < alpha; None: not calibrated
+    features: torch.Tensor | None = None  # float32 [B, d]: GGA's features, the composite's log p-values
+    csm: torch.Tensor | None = None  # float32 [B, N, N] when asked for
+
+    @staticmethod
+    def cat(parts: list[Scores]) -> Scores:
+        """One result from the results of consecutive batches."""
+        if len(parts) == 1:
+            return parts[0]
+        return Scores(**{
+            f.name: (torch.cat([getattr(p, f.name) for p in parts]) if getattr(parts[0], f.name) is not None
+                     else None)
+            for f in fields(Scores)
+        })
 
 
 @runtime_checkable
 class Detector(Protocol):
-    def fit(self, x, y, *args, **kwargs) -> Self: ...
+    """What the service, the benchmarks and :func:`detectors.persist.load_detector` rely on."""
 
-    def score(self, x, *args, **kwargs): ...
+    kind: str
+    components: list[str]
+    preset: str | None
+    alpha: float
+    threshold: float
+    top_n: int | None
+    strategy: Any
+
+    def fit(self, x, y, *, calibration=None, progress: Progress | None = None,
+            run: BatchRunner | None = None) -> Self: ...
+
+    def score(self, x, *, return_csm: bool = False) -> Scores: ...
 
     def state_dict(self) -> dict[str, torch.Tensor]: ...
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> Self: ...
 
+    def metadata(self) -> dict: ...
+
+    def save(self, directory: str | Path) -> Path: ...
+
+    @classmethod
+    def load(cls, directory: str | Path, model: nn.Module) -> Self: ...
+
 
 def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter; CPU for a model without parameters."""
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
-
-
-def check_batch_size(batch_size: int) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    """The device of the model's first parameter (else first buffer); CPU for a model with neither."""
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
+    return torch.device("cpu")
 
 
 def as_inputs(x) -> torch.Tensor:
@@ -93,76 +149,205 @@ def check_epsilon(epsilon: float) -> float:
     return float(epsilon)
 
 
-class LogitDetector:
-    """Scores that are a function of the logits of (a possibly perturbed) x; fit is a no-op."""
+def check_alpha(alpha: float) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), e.g. 0.05; got {alpha!r}")
+    return float(alpha)
 
-    def __init__(self, model: nn.Module) -> None:
-        if not isinstance(model, nn.Module):
-            raise ValueError(
-                f"model must be a torch.nn.Module returning logits [B, C], got {type(model).__name__}"
-            )
+
+class DetectorBase:
+    """What every detector shares: metadata, save and load (with kind, version and fingerprint checks).
+
+    A subclass sets ``kind`` and ``format_version``, ``stats_type`` (the dataclass of its
+    ``fit_stats``), keeps its frozen config dataclass in ``self.config`` (with ``alpha``;
+    ``cls(model, **asdict(config))`` rebuilds it) and defines ``fitted``, ``threshold``,
+    ``fit``, ``score``, ``state_dict`` and ``load_state_dict``.
+    """
+
+    kind: ClassVar[str]
+    format_version: ClassVar[int]
+    stats_type: ClassVar[type]
+    strategy: Any = None  # how the CSM's gradient passes run; None for detectors without a CSM
+
+    def _init_common(self, model: nn.Module) -> None:
         self.model = model
+        self.fit_stats = None
+        self.model_fingerprint: str | None = None
+        self.preset: str | None = None  # set by detectors.presets.build_detector
 
-    def fit(self, x, y=None, batch_size: int = 256) -> Self:
-        """Nothing to fit; returns self (kept for the common detector contract)."""
-        return self
+    @property
+    def alpha(self) -> float:
+        return self.config.alpha
+
+    @property
+    def top_n(self) -> int | None:
+        """Classes in the CSM (None: all classes, or no CSM)."""
+        return None
+
+    @property
+    def components(self) -> list[str]:
+        """The names of the signals the detector combines (one for a single-signal detector)."""
+        return [self.kind]
+
+    @property
+    def fitted(self) -> bool:
+        raise NotImplementedError
+
+    @property
+    def threshold(self) -> float:
+        """The score above which ``flagged`` (``trust < alpha``): +inf when no score can be flagged,
+        NaN before the detector is calibrated. Every kind keeps its calibration in ``self.calibration``."""
+        return self.calibration.threshold if self.calibration.fitted else math.nan
+
+    def _check_fitted(self) -> None:
+        if not self.fitted:
+            raise RuntimeError("the detector is not fitted: call fit(x, y) or load a saved one with "
+                               "detectors.load_detector(directory, model)")
+
+    def _metadata_extra(self) -> dict:
+        """Keys a kind adds to its saved JSON (between ``config`` and ``model_fingerprint``)."""
+        return {}
+
+    def metadata(self) -> dict:
+        """The saved JSON: kind, preset, format version, config, model fingerprint, fit statistics."""
+        self._check_fitted()
+        return {"kind": self.kind, "preset": self.preset, "format_version": self.format_version,
+                "config": asdict(self.config), **self._metadata_extra(),
+                "model_fingerprint": self.model_fingerprint, "fit": asdict(self.fit_stats)}
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``detector.safetensors`` and ``detector.json`` into ``directory`` (fsynced)."""
+        tensors = self.state_dict()
+        meta = self.metadata()
+        meta["threshold"] = meta["fit"]["threshold"] if math.isfinite(meta["fit"]["threshold"]) else None
+        return write_detector(directory, tensors, meta)
+
+    @classmethod
+    def _from_config(cls, model: nn.Module, config: dict, **options) -> Self:
+        """An unfitted detector of the saved ``config``; ``options``: what the JSON does not hold."""
+        return cls(model, **config, **options)
+
+    @classmethod
+    def load(cls, directory: str | Path, model: nn.Module, *, check_fingerprint: bool = True,
+             **options) -> Self:
+        """The detector saved in ``directory``, for ``model``; refuses another kind's folder, another
+        format version, one fitted for other weights (:class:`detectors.storage.FingerprintMismatchError`)
+        and bad state. ``options`` go to the constructor (e.g. ``strategy`` for GGA and the composite)."""
+        directory = Path(directory)
+        meta = read_meta(directory)
+        kind = detector_kind(meta)
+        if kind != cls.kind:
+            raise WrongDetectorKindError(
+                f"{directory}: this is a {kind} detector, not {cls.kind} ({cls.__name__}.load reads only "
+                f"{cls.kind}); use detectors.load_detector(directory, model), which reads every kind")
+        if meta.get("format_version") != cls.format_version:
+            raise ValueError(f"{directory}: {kind} detector format version {meta.get('format_version')!r} is not "
+                             f"supported (this code reads {kind} version {cls.format_version})")
+        if check_fingerprint:
+            verify_fingerprint(meta, model, directory)
+        det = cls._from_config(model, dict(meta["config"]), **options)
+        det.load_state_dict(read_tensors(directory))
+        det.model_fingerprint = meta["model_fingerprint"]
+        det.fit_stats = cls.stats_type(**meta["fit"])
+        det.preset = meta.get("preset")
+        return det
+
+
+
+@dataclass
+class BaselineFitStats:
+    n_samples: int
+    n_calibration: int  # 0: fitted without calibration data (no trust, no flags)
+    threshold: float
+    seconds: float
+
+
+class BaselineDetector(DetectorBase):
+    """A single-score baseline: batched scoring [B] plus the optional conformal calibration.
+
+    ``fit(x, y, calibration=x_cal or (x_cal, y_cal))`` fits the method's own state (none
+    for the logit baselines), then keeps the scores of the held-out ``x_cal`` (at least
+    1/alpha − 1 of them, else ValueError). ``score(x).trust`` is the conformal p-value of
+    each sample and ``flagged = trust < alpha``; without calibration data both are None.
+    ``anomaly_score(x)`` is the raw score [B] (float64, CPU) alone.
+    """
+
+    format_version = 1
+    stats_type = BaselineFitStats
+
+    def _init_baseline(self, model: nn.Module) -> None:
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module (a classifier returning logits [B, C]), "
+                             f"got {type(model).__name__}")
+        self._init_common(model)
+        self.calibration = ConformalCalibration(self.config.alpha)
+
+    @property
+    def fitted(self) -> bool:
+        """Calibrated (a saved or served baseline needs its calibration)."""
+        return self.calibration.fitted
+
+    def _fit_state(self, x: torch.Tensor, y, batch_size: int, progress: Progress | None,
+                   run: BatchRunner | None, total: int) -> None:
+        """Fit the method's own state on (x, y); nothing for the logit baselines."""
 
     def _score_batch(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def score(self, x, batch_size: int = 256) -> torch.Tensor:
-        """Anomaly score [B] (float64, CPU), higher = more anomalous."""
-        check_batch_size(batch_size)
-        x = as_inputs(x)
-        device = model_device(self.model)
-        out = [self._score_batch(xb).detach().cpu() for xb in batches(x, batch_size, device)]
-        return torch.cat(out) if out else torch.empty(0, dtype=torch.float64)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """Nothing fitted: an empty state (kept for the common detector contract)."""
+    def _state(self) -> dict[str, torch.Tensor]:
         return {}
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> Self:
+    def _load_state(self, state: dict[str, torch.Tensor]) -> None:
+        return None
+
+    def fit(self, x, y=None, *, calibration=None, progress: Progress | None = None,
+            run: BatchRunner | None = None, batch_size: int = 256) -> Self:
+        """Fit on x (labels y where the method needs them), then calibrate on ``calibration`` when given."""
+        t0 = time.perf_counter()
+        check_batch_size(batch_size)
+        x_cal = calibration[0] if isinstance(calibration, tuple | list) else calibration
+        total = (0 if x is None else len(x)) + (0 if x_cal is None else len(x_cal))
+        self._fit_state(x, y, batch_size, progress, run, total)
+        self.calibration = ConformalCalibration(self.config.alpha)
+        if x_cal is not None:
+            done = total - len(x_cal)
+            self.calibration.fit(self._raw(x_cal, batch_size, progress=progress, run=run, offset=done, total=total))
+        self.model_fingerprint = model_fingerprint(self.model)
+        self.fit_stats = BaselineFitStats(
+            n_samples=0 if x is None else len(x), n_calibration=0 if x_cal is None else len(x_cal),
+            threshold=self.calibration.threshold if self.calibration.fitted else math.inf,
+            seconds=round(time.perf_counter() - t0, 3))
         return self
 
+    def _raw(self, x, batch_size: int, **how) -> torch.Tensor:
+        x = as_inputs(x)
+        device = model_device(self.model)
+        out = map_batches(lambda xb: self._score_batch(xb.to(device)).detach().cpu(), x, batch_size, **how)
+        return torch.cat(out) if out else torch.empty(0, dtype=torch.float64)
 
+    def anomaly_score(self, x, batch_size: int = 256) -> torch.Tensor:
+        """The raw score [B] (float64, CPU), higher = more anomalous."""
+        return self._raw(x, batch_size)
 
-class Calibrated:
-    """A detector with scores [B] plus the conformal calibration of :mod:`detectors.calibration`.
-
-    ``Calibrated(MSP(model), alpha=0.05).fit(x, y, calibration=x_cal)``: fits the
-    detector on (x, y), then keeps the scores of the held-out ``x_cal`` (at least
-    1/alpha − 1 of them, else ValueError). ``trust(x)`` is the conformal p-value of each
-    sample, ``flagged(x) = trust(x) < alpha``.
-    """
-
-    def __init__(self, detector: Detector, alpha: float = 0.05) -> None:
-        self.detector = detector
-        self.calibration = ConformalCalibration(alpha)
-
-    @property
-    def alpha(self) -> float:
-        return self.calibration.alpha
-
-    def fit(self, x, y=None, *, calibration, batch_size: int = 256) -> Self:
-        self.detector.fit(x, y, batch_size=batch_size)
-        self.calibration.fit(self.detector.score(calibration, batch_size=batch_size))
-        return self
-
-    def score(self, x, batch_size: int = 256) -> torch.Tensor:
-        return self.detector.score(x, batch_size=batch_size)
-
-    def trust(self, x, batch_size: int = 256) -> torch.Tensor:
-        return self.calibration.trust(self.score(x, batch_size))
-
-    def flagged(self, x, batch_size: int = 256) -> torch.Tensor:
-        return self.trust(x, batch_size) < self.alpha
+    def score(self, x, *, return_csm: bool = False, batch_size: int = 256) -> Scores:
+        """``Scores`` with ``score`` [B] and, when calibrated, ``trust`` and ``flagged`` (no CSM: ``csm`` None)."""
+        s = self.anomaly_score(x, batch_size)
+        if not self.calibration.fitted:
+            return Scores(score=s)
+        trust = self.calibration.trust(s)
+        return Scores(score=s, trust=trust, flagged=trust < self.alpha)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {**{f"detector.{k}": v for k, v in self.detector.state_dict().items()},
-                **self.calibration.state_dict()}
+        """The method's state plus ``calibration_scores`` when calibrated."""
+        state = self._state()
+        if self.calibration.fitted:
+            state.update(self.calibration.state_dict())
+        return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> Self:
-        self.detector.load_state_dict({k[9:]: v for k, v in state.items() if k.startswith("detector.")})
-        self.calibration.load_state_dict(state)
+        self._load_state({k: v for k, v in state.items() if k != "calibration_scores"})
+        self.calibration = ConformalCalibration(self.config.alpha)
+        if "calibration_scores" in state:
+            self.calibration.load_state_dict(state)
         return self
+

@@ -2,11 +2,13 @@
 
 MSP (:mod:`detectors.msp`), energy (:mod:`detectors.energy`), ODIN
 (:mod:`detectors.odin`) and single-layer Mahalanobis (:mod:`detectors.mahalanobis`);
-their contract is in :mod:`detectors.base`. Scores are float64 [B] on the CPU,
-higher = more anomalous.
+each is a :class:`detectors.base.Detector` (:class:`detectors.base.BaselineDetector`:
+``fit(x, y, calibration=x_cal)`` adds the conformal calibration, ``score(x)`` returns
+``Scores``). ``anomaly_score(x)``: the raw scores, float64 [B] on the CPU, higher = more
+anomalous.
 """
 
-from detectors.base import Calibrated, Detector, model_device
+from detectors.base import BaselineDetector, Detector, model_device
 from detectors.energy import Energy, energy_score
 from detectors.mahalanobis import Mahalanobis, mahalanobis_distances, mahalanobis_min_distance
 from detectors.msp import MSP, msp_score
@@ -15,7 +17,7 @@ from detectors.odin import ODIN
 __all__ = [
     "MSP",
     "ODIN",
-    "Calibrated",
+    "BaselineDetector",
     "Detector",
     "Energy",
     "Mahalanobis",

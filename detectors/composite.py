@@ -47,26 +47,21 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, field, replace
 from typing import Self
 
 import torch
-from safetensors.torch import load_file
 
-from detectors.autotune import StrategyTable, strategy_for
-from detectors.base import BatchRunner
+from detectors.autotune import check_strategy, strategy_for
+from detectors.base import DetectorBase, Scores, model_device
 from detectors.calibration import ConformalCalibration
-from detectors.csm import STRATEGIES, check_logits, cosine_similarity_maps
+from detectors.csm import check_logits, cosine_similarity_maps
 from detectors.energy import energy_score
 from detectors.features import csm_features
 from detectors.fingerprint import model_fingerprint
+from detectors.fitting import BatchRunner, Progress, check_xy, fit_total, map_batches, seeded_permutation
 from detectors.gaussian import TiedGaussian
-from detectors.gga import GGAScores, device_of
 from detectors.loda import LODA
-from detectors.persist import TENSORS_FILE, read_meta, write_detector
-from detectors.persist import check_fingerprint as _check_fingerprint
 from detectors.pvalues import ReferenceTails, combine
 from detectors.signals import LayerTap, default_layers, logit_margin
 
@@ -164,15 +159,17 @@ class CompositeFitStats:
     seconds: float
 
 
-class CompositeDetector:
+class CompositeDetector(DetectorBase):
     """GGA + logit + layer signals, combined and conformally calibrated; see the module docstring.
 
     ``CompositeDetector(model, top_n=5, alpha=0.05, combine="fisher", layers=None, ...)``;
-    ``fit(x, y, calibration=(x_cal, y_cal)) -> self``; ``score(x) -> GGAScores`` with the
+    ``fit(x, y, calibration=(x_cal, y_cal)) -> self``; ``score(x) -> Scores`` with the
     combined statistic as ``score`` and the components' log p-values as ``features``.
     """
 
     kind = KIND
+    format_version = FORMAT_VERSION
+    stats_type = CompositeFitStats
 
     def __init__(self, model: torch.nn.Module, top_n: int | None = 5, alpha: float = 0.05, *,
                  combine: str = "fisher", use_gga: bool = True, use_logits: bool = True,
@@ -181,14 +178,12 @@ class CompositeDetector:
                  calibration_fraction: float = 0.2, two_sided: tuple[str, ...] = ("energy",),
                  layer_weight: str = "each", margin_weight: float = 1.0, truncation: float = 0.1,
                  strategy: str = "auto") -> None:
-        if not isinstance(strategy, StrategyTable) and strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-        self.model = model
+        self.strategy = check_strategy(strategy)
         self.config = CompositeConfig(top_n, alpha, combine, use_gga, use_logits, use_layers,
                                       tuple(layers) if layers is not None and use_layers else None, n_bins,
                                       n_projections, seed, reference_fraction, calibration_fraction, two_sided,
                                       layer_weight, margin_weight, truncation)
-        self.strategy = strategy
+        self._init_common(model)
         if self.config.layers:
             LayerTap(model, self.config.layers)  # fails now, not at fit time, for unknown layer names
         self._auto_layers = use_layers and layers is None
@@ -200,23 +195,16 @@ class CompositeDetector:
         self.joint_loda: LODA | None = None
         self.joint_mean = self.joint_std = None
         self.calibration = ConformalCalibration(alpha)
-        self.fit_stats: CompositeFitStats | None = None
-        self.model_fingerprint: str | None = None
-        self.preset: str | None = None  # set by detectors.presets.build_detector
 
     # ------------------------------------------------------------------ signals
 
     @property
-    def alpha(self) -> float:
-        return self.config.alpha
+    def top_n(self) -> int | None:
+        return self.config.top_n
 
     @property
     def fitted(self) -> bool:
         return self.calibration.fitted
-
-    @property
-    def threshold(self) -> float:
-        return self.calibration.threshold
 
     @property
     def component_names(self) -> list[str]:
@@ -226,10 +214,15 @@ class CompositeDetector:
         names += [f"layer:{n}" for n in c.layers or ()]
         return names
 
+    @property
+    def components(self) -> list[str]:
+        """The contract's name of :attr:`component_names`."""
+        return self.component_names
+
     def signals(self, x: torch.Tensor, return_csm: bool = False,
                 timings: dict[str, float] | None = None) -> Signals:
         """The signals of one batch x [B, *input_shape] from one pass (see :class:`Signals`)."""
-        x = torch.as_tensor(x).to(device_of(self.model))
+        x = torch.as_tensor(x).to(model_device(self.model))
         if x.dim() < 2 or len(x) == 0:
             raise ValueError(f"x must be a non-empty batch [B, *input_shape], got shape {tuple(x.shape)}")
         if self._auto_layers:
@@ -260,15 +253,10 @@ class CompositeDetector:
         layers = tap.features(len(x)) if tap is not None else {}
         return Signals(logits.detach().cpu(), classes.cpu(), feats, layers, csm)
 
-    def _signals_batched(self, x: torch.Tensor, batch_size: int, progress, offset: int, total: int,
-                         run: BatchRunner | None = None) -> Signals:
-        parts = []
-        for start in range(0, len(x), batch_size):
-            xb = x[start:start + batch_size]
-            parts.append(run(lambda xb=xb: self.signals(xb)) if run is not None else self.signals(xb))
-            if progress is not None:
-                progress(offset + min(start + batch_size, len(x)), total)
-        return Signals.cat(parts)
+    def _signals_batched(self, x: torch.Tensor, batch_size: int, progress: Progress | None, offset: int,
+                         total: int, run: BatchRunner | None = None) -> Signals:
+        return Signals.cat(map_batches(self.signals, x, batch_size, progress=progress, run=run, offset=offset,
+                                       total=total))
 
     # ------------------------------------------------------------------ components
 
@@ -333,9 +321,8 @@ class CompositeDetector:
 
     # ------------------------------------------------------------------ fit
 
-    def fit(self, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256,
-            progress: Callable[[int, int], None] | None = None, *,
-            calibration: tuple[torch.Tensor, torch.Tensor] | None = None, run: BatchRunner | None = None) -> Self:
+    def fit(self, x: torch.Tensor, y: torch.Tensor, *, calibration: tuple[torch.Tensor, torch.Tensor] | None = None,
+            progress: Progress | None = None, run: BatchRunner | None = None, batch_size: int = 256) -> Self:
         """Fit on labelled in-distribution data x [n, *input_shape], y [n]; returns self.
 
         ``run(fn)``, when given, runs each batch's pass ``fn()`` (e.g. on a serving worker
@@ -345,12 +332,12 @@ class CompositeDetector:
         classified correctly, or when the calibration set is too small to ever flag at ``alpha``.
         """
         t0 = time.perf_counter()
-        x, y = _check_xy(x, y)
-        total = len(x) + (len(calibration[0]) if calibration is not None else 0)
+        x, y = check_xy(x, y)
+        total = fit_total(x, calibration)
         sig = self._signals_batched(x, batch_size, progress, 0, total, run)
         cal_sig = None
         if calibration is not None:
-            xc, _ = _check_xy(*calibration)
+            xc, _ = check_xy(*calibration)
             cal_sig = self._signals_batched(xc, batch_size, progress, len(x), total, run)
         return self.fit_signals(sig, y, cal_sig, None if calibration is None else calibration[1], started=t0)
 
@@ -362,7 +349,7 @@ class CompositeDetector:
         c = self.config
         y = torch.as_tensor(y).long().cpu()
         n = len(y)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(c.seed))
+        perm = seeded_permutation(n, c.seed)
         separate = cal_sig is not None
         if cal_sig is None:
             n_cal = round(n * c.calibration_fraction)
@@ -403,17 +390,16 @@ class CompositeDetector:
 
     # ------------------------------------------------------------------ score
 
-    def score(self, x: torch.Tensor, return_csm: bool = False, batch_size: int | None = None,
-              timings: dict[str, float] | None = None) -> GGAScores:
-        """Score a batch x [B, *input_shape]; see :class:`detectors.gga.GGAScores`."""
-        if not self.fitted:
-            raise RuntimeError("the detector is not fitted: call fit(x, y) or load a saved one")
+    def score(self, x: torch.Tensor, *, return_csm: bool = False, batch_size: int | None = None,
+              timings: dict[str, float] | None = None) -> Scores:
+        """Score a batch x [B, *input_shape]; see :class:`detectors.base.Scores`."""
+        self._check_fitted()
         x = torch.as_tensor(x)
         step = batch_size or max(len(x), 1)
-        return GGAScores.cat([self.score_signals(self.signals(x[start:start + step], return_csm, timings), timings)
+        return Scores.cat([self.score_signals(self.signals(x[start:start + step], return_csm, timings), timings)
                               for start in range(0, len(x), step)])
 
-    def score_signals(self, s: Signals, timings: dict[str, float] | None = None) -> GGAScores:
+    def score_signals(self, s: Signals, timings: dict[str, float] | None = None) -> Scores:
         """:meth:`score` from precomputed signals."""
         t0 = time.perf_counter()
         stat, log_p = self.statistic(s)
@@ -421,18 +407,14 @@ class CompositeDetector:
         if timings is not None:
             timings["score"] = timings.get("score", 0.0) + time.perf_counter() - t0
         probs = torch.softmax(s.logits.float(), dim=1)
-        return GGAScores(label=s.classes[:, 0], confidence=probs.gather(1, s.classes[:, :1])[:, 0],
+        return Scores(label=s.classes[:, 0], confidence=probs.gather(1, s.classes[:, :1])[:, 0],
                          top_classes=s.classes, score=stat, trust=trust, flagged=trust < self.alpha,
                          features=log_p.float(), csm=s.csm)
 
     # ------------------------------------------------------------------ persistence
 
-    def metadata(self) -> dict:
-        if not self.fitted:
-            raise RuntimeError("the detector is not fitted")
-        return {"kind": KIND, "preset": self.preset, "format_version": FORMAT_VERSION, "config": asdict(self.config),
-                "components": self.component_names, "model_fingerprint": self.model_fingerprint,
-                "fit": asdict(self.fit_stats)}
+    def _metadata_extra(self) -> dict:
+        return {"components": self.component_names}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         c, state = self.config, {}
@@ -475,31 +457,6 @@ class CompositeDetector:
         self.calibration = ConformalCalibration(c.alpha).load_state_dict(state)
         return self
 
-    def save(self, directory: str | Path) -> Path:
-        """Write ``detector.safetensors`` and ``detector.json`` into ``directory`` (fsynced)."""
-        meta = self.metadata()
-        meta["threshold"] = meta["fit"]["threshold"] if math.isfinite(meta["fit"]["threshold"]) else None
-        return write_detector(directory, self.state_dict(), meta)
-
-    @classmethod
-    def load(cls, directory: str | Path, model: torch.nn.Module, *, strategy: str = "auto",
-             check_fingerprint: bool = True) -> CompositeDetector:
-        """Load a saved composite for ``model``; refuses one fitted for other weights or with bad state."""
-        directory = Path(directory)
-        meta = read_meta(directory)
-        if meta.get("kind") != KIND or meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{directory}: not a composite detector of format {FORMAT_VERSION} "
-                             f"(kind {meta.get('kind')!r}, version {meta.get('format_version')!r})")
-        if check_fingerprint:
-            _check_fingerprint(meta, model, directory)
-        cfg = dict(meta["config"])
-        det = cls(model, **cfg, strategy=strategy)
-        det.load_state_dict(load_file(str(directory / TENSORS_FILE)))
-        det.model_fingerprint = meta["model_fingerprint"]
-        det.fit_stats = CompositeFitStats(**meta["fit"])
-        det.preset = meta.get("preset")
-        return det
-
 
 class _null:
     def __enter__(self):
@@ -515,12 +472,3 @@ def _nonzero(std: torch.Tensor) -> torch.Tensor:
 
 def _sub(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-
-
-def _check_xy(x, y) -> tuple[torch.Tensor, torch.Tensor]:
-    x, y = torch.as_tensor(x), torch.as_tensor(y).long().cpu()
-    if x.dim() < 2 or y.dim() != 1 or len(x) != len(y):
-        raise ValueError(f"x [n, ...] and y [n] must have the same length, got {tuple(x.shape)} and {tuple(y.shape)}")
-    if not torch.isfinite(x).all():
-        raise ValueError("x contains NaN or inf")
-    return x, y

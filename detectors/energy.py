@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from detectors.base import LogitDetector, check_temperature, logits_of
+from detectors.base import BaselineDetector, check_alpha, check_temperature, logits_of
 
-__all__ = ["Energy", "energy_score"]
+__all__ = ["Energy", "EnergyConfig", "energy_score"]
 
 
 def energy_score(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -15,16 +17,33 @@ def energy_score(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor
     return -temperature * torch.logsumexp(logits.double() / temperature, dim=1)
 
 
-class Energy(LogitDetector):
+@dataclass(frozen=True)
+class EnergyConfig:
+    temperature: float = 1.0
+    alpha: float = 0.05
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "temperature", check_temperature(self.temperature))
+        check_alpha(self.alpha)
+
+
+class Energy(BaselineDetector):
     """Energy score (Liu et al., NeurIPS 2020).
 
     score(x) = E(x) = −T · logsumexp_i(F(x)_i / T); higher energy = more anomalous
     (the paper's detector thresholds the negative energy −E(x), its "higher = in-distribution").
+    Nothing to fit; ``fit(x, y, calibration=x_cal)`` calibrates.
     """
 
-    def __init__(self, model: nn.Module, temperature: float = 1.0) -> None:
-        super().__init__(model)
-        self.temperature = check_temperature(temperature)
+    kind = "energy"
+
+    def __init__(self, model: nn.Module, temperature: float = 1.0, *, alpha: float = 0.05) -> None:
+        self.config = EnergyConfig(temperature, alpha)
+        self._init_baseline(model)
+
+    @property
+    def temperature(self) -> float:
+        return self.config.temperature
 
     def _score_batch(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

@@ -10,30 +10,34 @@ calibration scores, and ``flagged = trust < alpha``.
 
 from __future__ import annotations
 
-import math
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Self
 
 import torch
-from safetensors.torch import load_file
 
-from detectors.autotune import StrategyTable, strategy_for
-from detectors.base import BatchRunner
-from detectors.calibration import conformal_p_values, conformal_threshold, min_calibration_size
-from detectors.csm import CHANNEL_REDUCTIONS, STRATEGIES, cosine_similarity_maps
+from detectors.autotune import check_strategy, strategy_for
+from detectors.base import DetectorBase, Scores, model_device
+from detectors.calibration import ConformalCalibration, min_calibration_size
+from detectors.csm import CHANNEL_REDUCTIONS, cosine_similarity_maps
 from detectors.features import feature_names, gga_features
 from detectors.fingerprint import model_fingerprint
+from detectors.fitting import (
+    BatchRunner,
+    Progress,
+    check_xy,
+    fit_total,
+    map_batches,
+    seeded_permutation,
+    shifted_progress,
+)
 from detectors.loda import LODA
-from detectors.persist import META_FILE, TENSORS_FILE, FingerprintMismatchError, read_meta, write_detector
-from detectors.persist import check_fingerprint as _check_fingerprint
+from detectors.storage import FingerprintMismatchError
 
 KIND = "gga"
 FORMAT_VERSION = 2  # 2: cancellation-free cotangents (features differ from version 1)
-__all__ = ["FingerprintMismatchError", "FitStats", "GGAConfig", "GGADetector", "GGAScores", "META_FILE",
-           "TENSORS_FILE", "device_of"]
+GGAScores = Scores  # the name the GGA results had before every detector shared them
+__all__ = ["FingerprintMismatchError", "FitStats", "GGAConfig", "GGADetector", "GGAScores"]
 
 
 @dataclass(frozen=True)
@@ -75,39 +79,7 @@ class FitStats:
     seconds: float
 
 
-@dataclass
-class GGAScores:
-    """Per-sample results, CPU tensors of length B."""
-
-    label: torch.Tensor  # int64 [B], predicted class
-    confidence: torch.Tensor  # float32 [B], softmax probability of the predicted class
-    top_classes: torch.Tensor  # int64 [B, N]
-    score: torch.Tensor  # float64 [B], LODA score, higher = more anomalous
-    trust: torch.Tensor  # float64 [B], conformal p-value in (0, 1]
-    flagged: torch.Tensor  # bool [B], trust < alpha
-    features: torch.Tensor  # float32 [B, 10 or 11]
-    csm: torch.Tensor | None = field(default=None)  # float32 [B, N, N] when asked for
-
-    @staticmethod
-    def cat(parts: list[GGAScores]) -> GGAScores:
-        """One result from the results of consecutive batches."""
-        if len(parts) == 1:
-            return parts[0]
-        return GGAScores(**{
-            f: (torch.cat([getattr(p, f) for p in parts]) if getattr(parts[0], f) is not None else None)
-            for f in GGAScores.__dataclass_fields__
-        })
-
-
-def device_of(model: torch.nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    for b in model.buffers():
-        return b.device
-    return torch.device("cpu")
-
-
-class GGADetector:
+class GGADetector(DetectorBase):
     """Geometric Gradient Analysis detector for a fixed classifier.
 
     ``GGADetector(model, top_n=None, alpha=0.05, n_bins=100, n_projections=100, seed=0,
@@ -115,71 +87,65 @@ class GGADetector:
     calibration_fraction=0.3, standardize=True, strategy="auto")``
     """
 
+    kind = KIND
+    format_version = FORMAT_VERSION
+    stats_type = FitStats
+
     def __init__(self, model: torch.nn.Module, top_n: int | None = None, alpha: float = 0.05,
                  n_bins: int = 100, n_projections: int = 100, seed: int = 0, *,
                  channel_reduce: str | None = None, rescale_logits: bool = False,
                  include_softmax: bool = False, calibration_fraction: float = 0.3,
                  standardize: bool = True, floor_count: float = 0.01, strategy: str = "auto") -> None:
-        if not isinstance(strategy, StrategyTable) and strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-        self.model = model
+        self.strategy = check_strategy(strategy)
         self.config = GGAConfig(top_n, alpha, n_bins, n_projections, seed, channel_reduce,
                                 rescale_logits, include_softmax, calibration_fraction, standardize,
                                 floor_count)
-        self.strategy = strategy
+        self._init_common(model)
         self.loda: LODA | None = None
         self.feature_mean: torch.Tensor | None = None
         self.feature_std: torch.Tensor | None = None
-        self.calibration_scores: torch.Tensor | None = None
-        self.fit_stats: FitStats | None = None
-        self.model_fingerprint: str | None = None
-        self.preset: str | None = None  # set by detectors.presets.build_detector
+        self.calibration = ConformalCalibration(alpha)
 
     @property
     def fitted(self) -> bool:
         return self.loda is not None
 
     @property
-    def alpha(self) -> float:
-        return self.config.alpha
+    def top_n(self) -> int | None:
+        return self.config.top_n
 
     @property
-    def threshold(self) -> float:
-        self._check_fitted()
-        return conformal_threshold(self.calibration_scores, self.config.alpha)
+    def components(self) -> list[str]:
+        return ["gga" + ("+softmax" if self.config.include_softmax else "")]
+
+    @property
+    def calibration_scores(self) -> torch.Tensor | None:
+        """The sorted LODA scores of the calibration part (float64 [n]); None before fit."""
+        return self.calibration.scores
 
     def csm(self, x: torch.Tensor, timings: dict[str, float] | None = None):
         c = self.config
-        return cosine_similarity_maps(self.model, x.to(device_of(self.model)), c.top_n,
+        return cosine_similarity_maps(self.model, x.to(model_device(self.model)), c.top_n,
                                       channel_reduce=c.channel_reduce, rescale_logits=c.rescale_logits,
                                       strategy=strategy_for(self.strategy, len(x)), timings=timings)
 
-    def features(self, x: torch.Tensor, batch_size: int = 256,
-                 progress: Callable[[int, int], None] | None = None,
+    def features(self, x: torch.Tensor, batch_size: int = 256, progress: Progress | None = None,
                  run: BatchRunner | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """GGA features [B, d] and predicted labels [B] for x, computed in batches (CPU tensors).
 
         ``run(fn)``, when given, runs each batch's pass ``fn()`` (e.g. on a serving worker
         thread, between its batches) and returns its result.
         """
-        feats, labels = [], []
 
         def one(xb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             res = self.csm(xb)
             return gga_features(res, self.config.include_softmax).cpu(), res.classes[:, 0].cpu()
 
-        for start in range(0, len(x), batch_size):
-            xb = x[start:start + batch_size]
-            f, lab = run(lambda xb=xb: one(xb)) if run is not None else one(xb)
-            feats.append(f)
-            labels.append(lab)
-            if progress is not None:
-                progress(min(start + batch_size, len(x)), len(x))
-        return torch.cat(feats), torch.cat(labels)
+        parts = map_batches(one, x, batch_size, progress=progress, run=run)
+        return torch.cat([f for f, _ in parts]), torch.cat([lab for _, lab in parts])
 
-    def fit(self, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256,
-            progress: Callable[[int, int], None] | None = None, *,
-            calibration: tuple[torch.Tensor, torch.Tensor] | None = None, run: BatchRunner | None = None) -> Self:
+    def fit(self, x: torch.Tensor, y: torch.Tensor, *, calibration: tuple[torch.Tensor, torch.Tensor] | None = None,
+            progress: Progress | None = None, run: BatchRunner | None = None, batch_size: int = 256) -> Self:
         """Fit on labelled in-distribution data x [n, *input_shape], y [n]; returns self.
 
         ``run``: how each batch's model pass is run (see :meth:`features`). Only correctly
@@ -193,21 +159,17 @@ class GGADetector:
         classified or either part would be too small.
         """
         t0 = time.perf_counter()
-        total = len(x) + (len(calibration[0]) if calibration is not None else 0)
-
-        def offset_progress(base: int):
-            return None if progress is None else (lambda done, _t: progress(base + done, total))
-
-        good, n_samples = self._correct_features(x, y, batch_size, offset_progress(0), run)
+        total = fit_total(x, calibration)
+        good, n_samples = self._correct_features(x, y, batch_size, shifted_progress(progress, 0, total), run)
         n_correct = len(good)
         if calibration is None:
-            perm = torch.randperm(n_correct, generator=torch.Generator().manual_seed(self.config.seed))
+            perm = seeded_permutation(n_correct, self.config.seed)
             n_cal = max(1, round(n_correct * self.config.calibration_fraction))
             n_fit = n_correct - n_cal
             fit_part, cal_part = good[perm[:n_fit]], good[perm[n_fit:]]
         else:
-            cal_part, n_cal_samples = self._correct_features(*calibration, batch_size, offset_progress(len(x)),
-                                                              run)
+            cal_part, n_cal_samples = self._correct_features(
+                *calibration, batch_size, shifted_progress(progress, len(x), total), run)
             fit_part, n_fit, n_cal = good, n_correct, len(cal_part)
             n_samples += n_cal_samples
             n_correct += n_cal
@@ -226,7 +188,7 @@ class GGADetector:
         c = self.config
         loda = LODA(c.n_projections, c.n_bins, c.seed, c.floor_count).fit((fit_part - mean) / std)
         self.loda, self.feature_mean, self.feature_std = loda, mean, std
-        self.calibration_scores = torch.sort(loda.score((cal_part - mean) / std)).values
+        self.calibration = ConformalCalibration(c.alpha).fit(loda.score((cal_part - mean) / std))
         self.model_fingerprint = model_fingerprint(self.model)
         self.fit_stats = FitStats(
             n_samples=n_samples, n_correct=n_correct, model_accuracy=n_correct / n_samples, n_fit=n_fit,
@@ -236,12 +198,7 @@ class GGADetector:
 
     def _correct_features(self, x, y, batch_size, progress, run=None) -> tuple[torch.Tensor, int]:
         """Features (float64) of the correctly classified samples of (x, y), and len(x)."""
-        x, y = torch.as_tensor(x), torch.as_tensor(y).long().cpu()
-        if x.dim() < 2 or len(x) != len(y):
-            raise ValueError(f"x [n, ...] and y [n] must have the same length, got {tuple(x.shape)} and "
-                             f"{tuple(y.shape)}")
-        if not torch.isfinite(x).all():
-            raise ValueError("x contains NaN or inf")
+        x, y = check_xy(x, y)
         feats, pred = self.features(x, batch_size, progress, run=run)
         correct = pred == y
         n_correct = int(correct.sum())
@@ -255,11 +212,11 @@ class GGADetector:
         self._check_fitted()
         z = (feats.double().cpu() - self.feature_mean) / self.feature_std
         s = self.loda.score(z)
-        return s, conformal_p_values(s, self.calibration_scores)
+        return s, self.calibration.trust(s)
 
-    def score(self, x: torch.Tensor, return_csm: bool = False, batch_size: int | None = None,
-              timings: dict[str, float] | None = None) -> GGAScores:
-        """Score a batch x [B, *input_shape]; see :class:`GGAScores`.
+    def score(self, x: torch.Tensor, *, return_csm: bool = False, batch_size: int | None = None,
+              timings: dict[str, float] | None = None) -> Scores:
+        """Score a batch x [B, *input_shape]; see :class:`detectors.base.Scores`.
 
         ``timings``, when given, accumulates seconds per stage: forward, gradients,
         features, score.
@@ -279,16 +236,12 @@ class GGADetector:
                 timings["score"] = timings.get("score", 0.0) + time.perf_counter() - t1
             probs = torch.softmax(res.logits.float(), dim=1).cpu()
             classes = res.classes.cpu()
-            parts.append(GGAScores(
+            parts.append(Scores(
                 label=classes[:, 0], confidence=probs.gather(1, classes[:, :1])[:, 0], top_classes=classes,
                 score=s, trust=trust, flagged=trust < self.config.alpha, features=feats,
                 csm=res.csm.cpu() if return_csm else None,
             ))
-        return GGAScores.cat(parts)
-
-    def _check_fitted(self) -> None:
-        if self.loda is None:
-            raise RuntimeError("the detector is not fitted: call fit(x, y) or GGADetector.load(directory, model)")
+        return Scores.cat(parts)
 
     # persistence -------------------------------------------------------------------------
 
@@ -297,7 +250,7 @@ class GGADetector:
         self._check_fitted()
         tensors = {f"loda.{k}": v for k, v in self.loda.state_dict().items()}
         tensors.update(feature_mean=self.feature_mean, feature_std=self.feature_std,
-                       calibration_scores=self.calibration_scores)
+                       calibration_scores=self.calibration.scores)
         return tensors
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> Self:
@@ -314,51 +267,12 @@ class GGADetector:
         if mean.shape != (d,) or std.shape != (d,) or loda.projections.shape[1] != d:
             raise ValueError(f"GGA state does not hold {d} features (mean {tuple(mean.shape)}, "
                              f"projections {tuple(loda.projections.shape)})")
-        if not (torch.isfinite(mean).all() and torch.isfinite(std).all() and (std > 0).all()
-                and torch.isfinite(cal).all()):
+        if not (torch.isfinite(mean).all() and torch.isfinite(std).all() and (std > 0).all()):
             raise ValueError("GGA state has NaN, inf or a zero scale")
-        if cal.numel() < min_calibration_size(c.alpha):
-            raise ValueError(f"GGA state has {cal.numel()} calibration scores, too few to ever flag at "
-                             f"alpha={c.alpha}")
+        calibration = ConformalCalibration(c.alpha).fit(cal)  # refuses NaN and a set too small to flag
         self.loda, self.feature_mean, self.feature_std = loda, mean, std
-        self.calibration_scores = torch.sort(cal).values
+        self.calibration = calibration
         return self
 
-    def metadata(self) -> dict:
-        self._check_fitted()
-        return {
-            "kind": KIND,
-            "preset": self.preset,
-            "format_version": FORMAT_VERSION,
-            "config": asdict(self.config),
-            "loda": self.loda.config(),
-            "feature_names": list(feature_names(self.config.include_softmax)),
-            "model_fingerprint": self.model_fingerprint,
-            "fit": asdict(self.fit_stats),
-        }
-
-    def save(self, directory: str | Path) -> Path:
-        """Write ``detector.safetensors`` and ``detector.json`` into ``directory`` (fsynced)."""
-        tensors = self.state_dict()
-        meta = self.metadata()
-        meta["threshold"] = meta["fit"]["threshold"] if math.isfinite(meta["fit"]["threshold"]) else None
-        return write_detector(directory, tensors, meta)
-
-    @classmethod
-    def load(cls, directory: str | Path, model: torch.nn.Module, *, strategy: str = "auto",
-             check_fingerprint: bool = True) -> GGADetector:
-        """Load a saved detector for ``model``; refuses one fitted for other weights."""
-        directory = Path(directory)
-        meta = read_meta(directory)
-        if meta.get("kind", KIND) != KIND or meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{directory}: detector kind {meta.get('kind', KIND)!r} format version "
-                             f"{meta.get('format_version')!r} is not supported (this code reads GGA version "
-                             f"{FORMAT_VERSION})")
-        if check_fingerprint:
-            _check_fingerprint(meta, model, directory)
-        det = cls(model, **meta["config"], strategy=strategy)
-        det.load_state_dict(load_file(str(directory / TENSORS_FILE)))
-        det.model_fingerprint = meta["model_fingerprint"]
-        det.fit_stats = FitStats(**meta["fit"])
-        det.preset = meta.get("preset")
-        return det
+    def _metadata_extra(self) -> dict:
+        return {"loda": self.loda.config(), "feature_names": list(feature_names(self.config.include_softmax))}

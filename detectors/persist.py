@@ -1,78 +1,60 @@
-"""Saving and loading fitted detectors: one folder, ``detector.safetensors`` + ``detector.json``.
+"""Loading any saved detector: the registry of kinds and :func:`load_detector`.
 
-The JSON says which detector it is (``"kind"``: ``"gga"`` or ``"composite"``; folders
-written before kinds existed are GGA) and for which weights it was fitted (the model
-fingerprint). :func:`load_detector` dispatches on the kind; every loader validates the
-state it reads and refuses a detector fitted for other weights.
+A saved detector is one folder (:mod:`detectors.storage`) whose JSON names its ``kind``.
+:data:`DETECTORS` maps each kind to its class; :func:`load_detector` reads the kind and
+hands the folder to that class's ``load`` (which checks the format version, the model
+fingerprint and the state). A kind-specific ``load`` (``GGADetector.load``) refuses
+another kind's folder and names this function instead.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from detectors.fingerprint import model_fingerprint
+from detectors.base import DetectorBase
+from detectors.composite import CompositeDetector
+from detectors.energy import Energy
+from detectors.gga import GGADetector
+from detectors.mahalanobis import Mahalanobis
+from detectors.msp import MSP
+from detectors.odin import ODIN
+from detectors.storage import (
+    META_FILE,
+    TENSORS_FILE,
+    FingerprintMismatchError,
+    WrongDetectorKindError,
+    detector_kind,
+    read_meta,
+    write_detector,
+)
 
-TENSORS_FILE = "detector.safetensors"
-META_FILE = "detector.json"
+__all__ = ["DETECTORS", "META_FILE", "TENSORS_FILE", "FingerprintMismatchError", "WrongDetectorKindError",
+           "detector_class", "detector_kind", "load_detector", "read_meta", "write_detector"]
 
-
-class FingerprintMismatchError(ValueError):
-    """The detector was fitted for a model with other weights."""
-
-
-def write_detector(directory: str | Path, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
-    """Write the two files into ``directory`` and fsync them; returns the folder."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / TENSORS_FILE))
-    (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    for name in (TENSORS_FILE, META_FILE):
-        os.chmod(directory / name, 0o644)  # readable by every replica and by a non-root image user
-        fd = os.open(directory / name, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    return directory
+DETECTORS: dict[str, type[DetectorBase]] = {
+    cls.kind: cls for cls in (CompositeDetector, GGADetector, MSP, Energy, ODIN, Mahalanobis)
+}
 
 
-def read_meta(directory: str | Path) -> dict:
-    directory = Path(directory)
-    meta_path, tensor_path = directory / META_FILE, directory / TENSORS_FILE
-    if not meta_path.exists() or not tensor_path.exists():
-        raise FileNotFoundError(f"{directory} holds no saved detector ({META_FILE} + {TENSORS_FILE})")
-    meta = json.loads(meta_path.read_text())
-    if not isinstance(meta, dict):
-        raise ValueError(f"{meta_path} does not hold a JSON object")
-    return meta
+def detector_class(kind: str) -> type[DetectorBase]:
+    """The class registered for ``kind``; ValueError naming the known kinds otherwise."""
+    try:
+        return DETECTORS[kind]
+    except KeyError:
+        raise ValueError(f"unknown detector kind {kind!r} (known kinds: {', '.join(sorted(DETECTORS))})") from None
 
 
-def check_fingerprint(meta: dict, model: torch.nn.Module, directory: str | Path) -> None:
-    actual = model_fingerprint(model)
-    expected = str(meta.get("model_fingerprint"))
-    if expected != actual:
-        raise FingerprintMismatchError(
-            f"the detector in {directory} was fitted for another model (weights fingerprint "
-            f"{expected[:12]}…, this model has {actual[:12]}…); fit a new detector for this model"
-        )
+def load_detector(directory: str | Path, model: torch.nn.Module, **options) -> DetectorBase:
+    """The saved detector in ``directory``, of whatever kind, for ``model``.
 
-
-def detector_kind(meta: dict) -> str:
-    return str(meta.get("kind", "gga"))
-
-
-def load_detector(directory: str | Path, model: torch.nn.Module, *, strategy: str = "auto"):
-    """The saved detector in ``directory`` (GGA or composite), for ``model``."""
-    from detectors.composite import CompositeDetector
-    from detectors.gga import GGADetector
-
-    kind = detector_kind(read_meta(directory))
-    loaders = {"gga": GGADetector.load, "composite": CompositeDetector.load}
-    if kind not in loaders:
-        raise ValueError(f"{directory}: unknown detector kind {kind!r} (known: {sorted(loaders)})")
-    return loaders[kind](directory, model, strategy=strategy)
+    ``options`` go to the kind's ``load``: ``strategy`` for GGA and the composite,
+    ``feature_fn`` for Mahalanobis, ``check_fingerprint`` for any.
+    """
+    meta = read_meta(directory)
+    try:
+        cls = detector_class(detector_kind(meta))
+    except ValueError as exc:
+        raise ValueError(f"{directory}: {exc}") from None
+    return cls.load(directory, model, **options)

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from detectors.base import Detector
 from detectors.composite import CompositeDetector
 from detectors.gga import GGADetector
 from detectors.signals import supports_hooks
@@ -54,10 +55,7 @@ def build_detector(preset: str, model: nn.Module, *, num_classes: int, top_n: in
     return det
 
 
-def describe(detector) -> dict:
-    """What /info shows: the detector's kind, preset and the components it combines."""
-    if isinstance(detector, CompositeDetector):
-        return {"kind": "composite", "preset": getattr(detector, "preset", None),
-                "components": detector.component_names}
-    return {"kind": "gga", "preset": getattr(detector, "preset", None),
-            "components": ["gga" + ("+softmax" if detector.config.include_softmax else "")]}
+def describe(detector: Detector) -> dict:
+    """What /info shows: the detector's kind, preset (None when built without one) and the components
+    it combines (:class:`detectors.base.Detector`)."""
+    return {"kind": detector.kind, "preset": detector.preset, "components": list(detector.components)}

@@ -86,16 +86,16 @@ class ServedStrategy:
         self.batch_sizes = strategy_batch_sizes(max_batch_rows)
 
     def apply(self, detector) -> None:
-        """Set ``detector.strategy`` (a name, or a measured table) and log it in one line."""
-        if detector is None:
+        """Set ``detector.strategy`` (a name, or a measured table) and log it in one line; nothing for a
+        detector without a CSM (its ``strategy`` is None)."""
+        if detector is None or detector.strategy is None:
             return
         if self.mode != "auto":
             detector.strategy = "auto" if self.mode == "device" else self.mode
             log.info("GGA strategy %s (%s)", resolve_strategy(detector.strategy, self.device),
                      "device rule" if self.mode == "device" else "fixed")
             return
-        top_n = getattr(detector.config, "top_n", None)
-        n = min(top_n, self.num_classes) if top_n is not None else self.num_classes
+        n = min(detector.top_n, self.num_classes) if detector.top_n is not None else self.num_classes
         table, fresh = self.cache.get(self.model, self.fingerprint, self.input_shape, n, self.device,
                                       self.batch_sizes, budget_s=self.budget_s)
         if not table.best:
@@ -110,7 +110,7 @@ class ServedStrategy:
 
     def info(self, detector) -> dict:
         """``{"mode", "table", "timings_ms", ...}`` for ``/info``; table and timings None without a measurement."""
-        current = getattr(detector, "strategy", None)
+        current = None if detector is None else detector.strategy
         if isinstance(current, StrategyTable):
             return {"mode": self.mode, **current.to_dict()}
         resolved = resolve_strategy(current, self.device) if isinstance(current, str) else None
@@ -290,9 +290,10 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
             )
             metrics.queue_rows.set_function(lambda: batcher.queued_rows)  # read at each scrape
             metrics.alpha.set_function(  # the served alpha (GGA_ALPHA, else the detector's), read at each scrape
-                lambda: worker.alpha if worker.alpha is not None else getattr(slot.get()[0], "alpha", float("nan")))
+                lambda: worker.alpha if worker.alpha is not None else
+                float("nan") if (d := slot.get()[0]) is None else d.alpha)
             metrics.calibration_size.set_function(  # the served detector's m (drift alarm's bound), per scrape
-                lambda: getattr(getattr(slot.get()[0], "fit_stats", None), "n_calibration", float("nan")))
+                lambda: float("nan") if (d := slot.get()[0]) is None else d.metadata()["fit"]["n_calibration"])
             gate = SwapGate(slot, on_swap=metrics.set_detector_version)  # fit jobs and reloads: newest wins
             # everything that runs the model after startup runs on the compute worker, between batches: fit
             # passes (in batches of at most a request batch) and the strategy measurement of a new top-N

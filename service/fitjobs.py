@@ -43,12 +43,13 @@ class FitBusyError(RuntimeError):
 
 def fit_result(det, version: str, path) -> dict[str, Any]:
     """What a finished fit reports (``GET /fit/{id}`` and ``gga-fit``): version, counts, kind, preset, config."""
-    st = det.fit_stats
+    meta = det.metadata()
+    st = meta["fit"]
     return {
-        "version": version, "path": str(path), "n_samples": st.n_samples, "n_correct": st.n_correct,
-        "n_fit": st.n_fit, "n_calibration": st.n_calibration, "model_accuracy": st.model_accuracy,
-        "threshold": st.threshold if np.isfinite(st.threshold) else None, "seconds": st.seconds,
-        **describe(det), "config": det.metadata()["config"],
+        "version": version, "path": str(path), "n_samples": st["n_samples"], "n_correct": st["n_correct"],
+        "n_fit": st["n_fit"], "n_calibration": st["n_calibration"], "model_accuracy": st["model_accuracy"],
+        "threshold": st["threshold"] if np.isfinite(st["threshold"]) else None, "seconds": st["seconds"],
+        **describe(det), "config": meta["config"],
     }
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from detectors.gga import GGADetector
+from detectors.base import Detector
 from service.batching import BatchInfo, Chunk
 from service.metrics import ServiceMetrics
 from service.models import ModelCard
@@ -43,14 +43,14 @@ def merge_results(parts: list[list[dict]]) -> list[dict]:
 class DetectorSlot:
     """The detector being served and its version, swapped as one reference."""
 
-    def __init__(self, detector: GGADetector | None, version: str | None) -> None:
+    def __init__(self, detector: Detector | None, version: str | None) -> None:
         self._current = (detector, version)
         self._lock = threading.Lock()
 
-    def get(self) -> tuple[GGADetector | None, str | None]:
+    def get(self) -> tuple[Detector | None, str | None]:
         return self._current
 
-    def swap(self, detector: GGADetector, version: str) -> None:
+    def swap(self, detector: Detector, version: str) -> None:
         with self._lock:
             self._current = (detector, version)
 

@@ -640,9 +640,8 @@ def test_alarm_on_the_service_counters_clean_then_out_of_distribution(tmp_path):
         async with Running(make_settings(tmp_path)) as svc:
             detector, _ = svc.app.state.slot.get()
             seen = []
-            # as a fit with alpha 0.2 on 500 calibration scores, then a detector without fit_stats
-            for new in (SimpleNamespace(alpha=0.2, fit_stats=SimpleNamespace(n_calibration=500)),
-                        SimpleNamespace(alpha=0.2)):
+            # as a fit with alpha 0.2 on 500 calibration scores (the contract's metadata()), then no detector
+            for new in (SimpleNamespace(alpha=0.2, metadata=lambda: {"fit": {"n_calibration": 500}}), None):
                 DetectorSlot.swap(svc.app.state.slot, new, "v9")
                 try:
                     seen.append(counters(await svc.metrics())[:2])
@@ -652,4 +651,4 @@ def test_alarm_on_the_service_counters_clean_then_out_of_distribution(tmp_path):
 
     (alpha, m), (alpha2, m2) = run(swapped())
     assert (alpha, m) == (0.2, 500)  # read at each scrape: follows the served detector
-    assert alpha2 == 0.2 and math.isnan(m2)  # no n_calibration: NaN, so no bound and no alert
+    assert math.isnan(alpha2) and math.isnan(m2)  # no detector served: NaN, so no bound and no alert

@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
     with torch.no_grad():
         timing["forward_only"] = _time_ms(lambda a: model(a), xt, reps)
     for mname, det in baselines.items():
-        timing[mname] = _time_ms(lambda a, det=det: det.score(a, batch_size=len(a)), xt, reps)
+        timing[mname] = _time_ms(lambda a, det=det: det.anomaly_score(a, batch_size=len(a)), xt, reps)
     for name in ["gga", "gga_rescale", "gga_chmax"] + [f"gga_top{tn}" for tn in top_ns[1:]]:
         if name in variants:
             det = bank.detector(variants[name][0])

@@ -130,7 +130,8 @@ def score_baselines(baselines: dict, splits: dict[str, Split], log: Log) -> dict
     for mname, det in baselines.items():
         scores[mname] = {}
         for sp in splits.values():
-            scores[mname][sp.name] = {k: (det.score(v).numpy() if len(v) else np.empty(0)) for k, v in sp.sets.items()}
+            scores[mname][sp.name] = {k: (det.anomaly_score(v).numpy() if len(v) else np.empty(0))
+                                      for k, v in sp.sets.items()}
         log.info(f"{mname} scored")
     return scores
 

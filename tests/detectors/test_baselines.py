@@ -37,7 +37,7 @@ def _assert_untouched(model: nn.Module, training: bool) -> None:
 
 def test_msp_exact_values():
     model = _linear(np.eye(3), np.zeros(3))
-    scores = MSP(model).fit(None).score(torch.tensor(LOGITS, dtype=torch.float64))
+    scores = MSP(model).fit(None).anomaly_score(torch.tensor(LOGITS, dtype=torch.float64))
     assert scores.dtype == torch.float64 and scores.device.type == "cpu"
     torch.testing.assert_close(scores, torch.tensor([-1 / 3, -1 / 2, -6 / 10], dtype=torch.float64))
 
@@ -47,13 +47,13 @@ def test_energy_exact_values():
     x = torch.tensor(LOGITS, dtype=torch.float64)
     # -logsumexp: sums of exp are 3, 4, 10
     expected_t1 = torch.tensor([-math.log(3), -math.log(4), -math.log(10)], dtype=torch.float64)
-    torch.testing.assert_close(Energy(model).score(x), expected_t1)
+    torch.testing.assert_close(Energy(model).anomaly_score(x), expected_t1)
     # T = 2: -2 log sum exp(z / 2) = -2 log(3), -2 log(sqrt2 + 2), -2 log(sqrt6 + sqrt3 + 1)
     expected_t2 = -2 * torch.tensor(
         [math.log(3), math.log(math.sqrt(2) + 2), math.log(math.sqrt(6) + math.sqrt(3) + 1)],
         dtype=torch.float64,
     )
-    torch.testing.assert_close(Energy(model, temperature=2.0).score(x), expected_t2)
+    torch.testing.assert_close(Energy(model, temperature=2.0).anomaly_score(x), expected_t2)
 
 
 def test_energy_and_msp_are_stable_for_huge_logits():
@@ -68,8 +68,8 @@ def test_scores_are_batch_size_independent_and_float32_models_work():
     model = _linear(W, B, dtype=torch.float32)
     x = torch.randn(37, 3, generator=torch.Generator().manual_seed(0))
     for detector in (MSP(model), Energy(model, 3.0), ODIN(model, 10.0, 0.05)):
-        torch.testing.assert_close(detector.score(x, batch_size=5), detector.score(x, batch_size=256))
-    assert MSP(model).score(x[:0]).shape == (0,)
+        torch.testing.assert_close(detector.anomaly_score(x, batch_size=5), detector.anomaly_score(x, batch_size=256))
+    assert MSP(model).anomaly_score(x[:0]).shape == (0,)
 
 
 # ---------------------------------------------------------------- ODIN
@@ -101,14 +101,14 @@ def test_odin_perturbation_matches_closed_form_gradient(temperature):
     x_tilde = odin.perturb(torch.tensor(X_ODIN))
     np.testing.assert_allclose(x_tilde.numpy(), x_tilde_ref, rtol=0, atol=1e-15)
     np.testing.assert_array_equal(np.sign(x_tilde.numpy() - X_ODIN), np.sign(grad))
-    np.testing.assert_allclose(odin.score(torch.tensor(X_ODIN)).numpy(), score_ref, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(odin.anomaly_score(torch.tensor(X_ODIN)).numpy(), score_ref, rtol=0, atol=1e-12)
 
 
 def test_odin_step_raises_the_top_softmax_and_first_row_by_hand():
     model = _linear(W, B)
     x = torch.tensor(X_ODIN)
-    plain = ODIN(model, temperature=1.0, epsilon=0.0).score(x)
-    stepped = ODIN(model, temperature=1.0, epsilon=0.01).score(x)
+    plain = ODIN(model, temperature=1.0, epsilon=0.0).anomaly_score(x)
+    stepped = ODIN(model, temperature=1.0, epsilon=0.01).anomaly_score(x)
     assert (stepped < plain).all()  # more confident after the step: lower (less anomalous) score
     # row 0 by hand: z = Wx + b = (1.55, −1.5, 1.6), ŷ = 2, p = softmax(z) ≈ (0.4765, 0.0226, 0.5009);
     # Wᵀ(e_2 − p) = −0.4765·W[0] − 0.0226·W[1] + 0.4991·W[2] ≈ (−1.225, 1.180, 0.783),
@@ -120,7 +120,7 @@ def test_odin_step_raises_the_top_softmax_and_first_row_by_hand():
 def test_odin_without_epsilon_and_t1_is_msp():
     model = _linear(W, B)
     x = torch.tensor(X_ODIN)
-    torch.testing.assert_close(ODIN(model, temperature=1.0, epsilon=0.0).score(x), MSP(model).score(x))
+    torch.testing.assert_close(ODIN(model, temperature=1.0, epsilon=0.0).anomaly_score(x), MSP(model).anomaly_score(x))
 
 
 def test_odin_clip():
@@ -131,7 +131,7 @@ def test_odin_clip():
     x_tilde = odin.perturb(x)
     assert x_tilde.min() == 0.0 and x_tilde.max() == 1.0
     np.testing.assert_allclose(x_tilde.numpy(), x_tilde_ref, rtol=0, atol=1e-15)
-    np.testing.assert_allclose(odin.score(x).numpy(), score_ref, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(odin.anomaly_score(x).numpy(), score_ref, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -140,7 +140,7 @@ def test_no_parameter_gradients_and_mode_unchanged(training):
     x = torch.tensor(X_ODIN)
     feature = Mahalanobis(model, lambda m, v: m(v), epsilon=0.01).fit(x, torch.tensor([0, 1, 1, 0]))
     for detector in (MSP(model), Energy(model), ODIN(model, 1000.0, 0.01), feature):
-        detector.score(x, batch_size=3)
+        detector.anomaly_score(x, batch_size=3)
         _assert_untouched(model, training)
     assert torch.is_grad_enabled()
 
@@ -151,9 +151,9 @@ def test_input_gradients_work_under_no_grad_and_inference_mode():
     _, _, score_ref = _odin_reference(X_ODIN, 1000.0, 0.01)
     odin = ODIN(model, 1000.0, 0.01)
     with torch.no_grad():
-        np.testing.assert_allclose(odin.score(x).numpy(), score_ref, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(odin.anomaly_score(x).numpy(), score_ref, rtol=0, atol=1e-12)
     with torch.inference_mode():
-        np.testing.assert_allclose(odin.score(x).numpy(), score_ref, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(odin.anomaly_score(x).numpy(), score_ref, rtol=0, atol=1e-12)
     _assert_untouched(model, True)
 
 
@@ -188,15 +188,15 @@ X_TEST = np.array([[0.0, 0.0], [1.5, 1.5], [3.0, 0.2], [-4.0, 5.0], [10.0, -10.0
 
 def test_mahalanobis_matches_numpy_reference():
     x_fit, y_fit = _gaussian_data()
-    maha = Mahalanobis(nn.Identity(), _identity_features).fit(torch.tensor(x_fit), torch.tensor(y_fit), 7)
+    maha = Mahalanobis(nn.Identity(), _identity_features).fit(torch.tensor(x_fit), torch.tensor(y_fit), batch_size=7)
     means, precision, d = _mahalanobis_reference(x_fit, y_fit, X_TEST)
     np.testing.assert_allclose(maha.means.numpy(), means, rtol=0, atol=1e-12)
     np.testing.assert_allclose(maha.precision.numpy(), precision, rtol=1e-9, atol=1e-9)
-    scores = maha.score(torch.tensor(X_TEST), batch_size=2)
+    scores = maha.anomaly_score(torch.tensor(X_TEST), batch_size=2)
     assert scores.dtype == torch.float64
     np.testing.assert_allclose(scores.numpy(), d.min(axis=1), rtol=0, atol=1e-6)
     # the far point is far: it scores above every fit sample
-    assert scores[-1] > maha.score(torch.tensor(x_fit)).max()
+    assert scores[-1] > maha.anomaly_score(torch.tensor(x_fit)).max()
     torch.testing.assert_close(maha.classes, torch.tensor([0, 1, 2]))
 
 
@@ -208,7 +208,7 @@ def test_mahalanobis_float32_inputs_and_sparse_labels():
     )
     x32 = x_fit.astype(np.float32).astype(np.float64)
     _, _, d = _mahalanobis_reference(x32, y_fit, X_TEST.astype(np.float32).astype(np.float64))
-    scores = maha.score(torch.tensor(X_TEST, dtype=torch.float32))
+    scores = maha.anomaly_score(torch.tensor(X_TEST, dtype=torch.float32))
     np.testing.assert_allclose(scores.numpy(), d.min(axis=1), rtol=0, atol=1e-6)
     torch.testing.assert_close(maha.classes, torch.tensor([3, 7, 11]))
 
@@ -223,7 +223,7 @@ def test_mahalanobis_rank_deficient_features_give_the_full_rank_distances():
     maha = Mahalanobis(nn.Identity(), redundant).fit(torch.tensor(x_fit), torch.tensor(y_fit))
     assert torch.linalg.matrix_rank(torch.linalg.pinv(maha.precision)) == 2
     _, _, d = _mahalanobis_reference(x_fit, y_fit, X_TEST)
-    scores = maha.score(torch.tensor(X_TEST))
+    scores = maha.anomaly_score(torch.tensor(X_TEST))
     assert torch.isfinite(scores).all()
     np.testing.assert_allclose(scores.numpy(), d.min(axis=1), rtol=1e-8, atol=1e-8)
 
@@ -242,15 +242,15 @@ def test_mahalanobis_input_preprocessing_matches_closed_form():
     x_tilde_ref = X_TEST - eps * np.sign(grad)
     np.testing.assert_allclose(maha.perturb(torch.tensor(X_TEST)).numpy(), x_tilde_ref, rtol=0, atol=1e-15)
     _, _, d_tilde = _mahalanobis_reference(x_fit, y_fit, x_tilde_ref)
-    scores = maha.score(torch.tensor(X_TEST), batch_size=3)
+    scores = maha.anomaly_score(torch.tensor(X_TEST), batch_size=3)
     np.testing.assert_allclose(scores.numpy(), d_tilde.min(axis=1), rtol=0, atol=1e-6)
-    assert (scores < plain.score(torch.tensor(X_TEST))).all()  # the step moves towards a class mean
+    assert (scores < plain.anomaly_score(torch.tensor(X_TEST))).all()  # the step moves towards a class mean
 
 
 def test_mahalanobis_errors():
     maha = Mahalanobis(nn.Identity(), _identity_features)
     with pytest.raises(RuntimeError, match=r"not fitted: call fit\(x, y\)"):
-        maha.score(torch.zeros(2, 2))
+        maha.anomaly_score(torch.zeros(2, 2))
     with pytest.raises(ValueError, match="needs the class labels"):
         maha.fit(torch.zeros(4, 2))
     with pytest.raises(ValueError, match=r"y must be labels \[n\] for the 4 samples"):
@@ -263,7 +263,7 @@ def test_mahalanobis_errors():
         Mahalanobis(nn.Identity(), lambda m, x: x[:, 0]).fit(torch.zeros(4, 2), torch.tensor([0, 0, 1, 1]))
     maha.fit(torch.randn(4, 2), torch.tensor([0, 0, 1, 1]))
     with pytest.raises(ValueError, match="returned 3 features, Mahalanobis was fitted on 2"):
-        maha.score(torch.zeros(2, 3))
+        maha.anomaly_score(torch.zeros(2, 3))
 
 
 # ---------------------------------------------------------------- validation
@@ -280,7 +280,7 @@ def test_mahalanobis_errors():
         (lambda m: Mahalanobis(m, None), r"feature_fn must be a callable feature_fn\(model, x\)"),
         (lambda m: Mahalanobis(m, _identity_features, epsilon=float("nan")), "epsilon must be a number >= 0"),
         (lambda m: MSP("not a model"), "model must be a torch.nn.Module"),
-        (lambda m: MSP(m).score(torch.zeros(2, 3), batch_size=0), "batch_size must be a positive integer"),
+        (lambda m: MSP(m).anomaly_score(torch.zeros(2, 3), batch_size=0), "batch_size must be a positive integer"),
     ],
 )
 def test_constructor_and_argument_validation(make, message):
