@@ -549,14 +549,14 @@ def served_detector(threads: int, strategy: dict | None):
 
     torch.set_num_threads(threads)
     settings = Settings()
-    device = resolve_device(settings.device)
+    device = resolve_device(settings.model.device)
     model, card = load_model(settings, device)
     detector = load_detector(DEFAULT_MODEL_DIR / "detector", model)
     if strategy and strategy.get("table"):
         detector.strategy = StrategyTable.from_dict(strategy)
     else:
-        ServedStrategy(settings.strategy, model, model_fingerprint(model), card.input_shape, len(card.class_names),
-                       device, settings.max_batch_rows).apply(detector)
+        ServedStrategy(settings.model.strategy, model, model_fingerprint(model), card.input_shape,
+                       len(card.class_names), device, settings.batching.max_batch_rows).apply(detector)
     return detector, card, device, settings
 
 
@@ -630,9 +630,9 @@ if _ls is not None:
 
             self.detector, self.card, self.device, settings = served_detector(self.threads, self.strategy_dict)
             self.version = BUNDLED_VERSION
-            self.alpha = settings.alpha if settings.alpha is not None else self.detector.alpha
+            self.alpha = settings.model.alpha if settings.model.alpha is not None else self.detector.alpha
             self.rows_of = PredictWorker(DetectorSlot(self.detector, self.version), self.card,
-                                         ServiceMetrics(CollectorRegistry()), self.device, settings.alpha)._rows
+                                         ServiceMetrics(CollectorRegistry()), self.device, settings.model.alpha)._rows
             self.detector.score(torch.zeros((1, *self.card.input_shape), device=self.device))
 
         def decode_request(self, request, **kwargs):
