@@ -131,7 +131,8 @@ async def predict(request: Request, return_csm: bool = False) -> Response:
                        headers={"Retry-After": str(retry)}) from exc
     except QueueTimeoutError as exc:
         raise ApiError(504, "timeout", "the request could not be computed within "
-                       f"{st.settings.batching.request_timeout_s} s of its arrival (it waited in the queue) and was not computed") from exc
+                       f"{st.settings.batching.request_timeout_s} s of its arrival (it waited in the queue) and was "
+                       "not computed") from exc
     except RequestTooLargeError as exc:
         raise ApiError(413, "payload_too_large", str(exc)) from exc
     except BatcherClosedError as exc:
