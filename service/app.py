@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import asynccontextmanager
 
 import torch
@@ -213,14 +213,22 @@ class RequestMetrics:
     while the queue admits nothing now (:func:`service.routes.admission_refusal`), and 401 to
     ``/info`` and the docs without the read token (``GGA_READ_TOKEN``, :mod:`service.auth`).
     Every request body is read under ``GGA_BODY_TIMEOUT_S`` (:func:`receive_within`). Probes
-    and ``/metrics`` are neither counted nor shed.
+    and ``/metrics`` are never shed. The route label is the path template the request matches
+    (:class:`RouteLabels`, from the paths of the OpenAPI schema and the docs' paths), found
+    without the router.
     """
 
-    def __init__(self, app: ASGIApp, state: State) -> None:
+    def __init__(self, app: ASGIApp, state: State, openapi: Callable[[], dict]) -> None:
         self.app = app
         self.state = state  # the service's app.state: settings, batcher, metrics (set by the lifespan)
+        self.openapi = openapi  # the application's OpenAPI schema (FastAPI.openapi): its paths are the route labels
         self.active = 0  # requests in progress, of the limited paths (one event loop: no lock needed)
-        self.label = RouteLabels([*(getattr(r, "path", "") for r in router.routes), *READER_PATHS])
+        self._labels: RouteLabels | None = None
+
+    def label(self, path: str) -> str:
+        if self._labels is None:  # at the first request: every route is in place by then
+            self._labels = RouteLabels([*self.openapi().get("paths", {}), *READER_PATHS])
+        return self._labels(path)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -382,6 +390,6 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
     app.include_router(router)
     install_docs(app)
 
-    app.add_middleware(RequestMetrics, state=app.state)
+    app.add_middleware(RequestMetrics, state=app.state, openapi=app.openapi)
 
     return app
