@@ -168,7 +168,8 @@ def receive_within(receive: Receive, timeout_s: float) -> Receive:
         if done:
             return await receive()
         try:
-            message = await asyncio.wait_for(receive(), timeout_s)
+            async with asyncio.timeout(timeout_s):  # one timer handle, no extra task
+                message = await receive()
         except TimeoutError:
             raise BodyTimeoutError(timeout_s) from None
         if message["type"] != "http.request" or not message.get("more_body", False):

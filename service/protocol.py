@@ -77,7 +77,7 @@ class InternalsChangedError(RuntimeError):
 def check_internals() -> None:
     """Raise :class:`InternalsChangedError` naming each uvicorn/h11 internal the guarded protocol needs and the
     installed release lacks (the class, its methods, the attributes its ``__init__``/``connection_made`` set,
-    h11's states and events, the cycle's ``response_complete``)."""
+    the cycle's ``response_complete``, the server state's ``default_headers``, h11's states and events)."""
     missing = []
     cls = getattr(h11_impl, "H11Protocol", None)
     if cls is None:
@@ -93,6 +93,13 @@ def check_internals() -> None:
     cycle = getattr(h11_impl, "RequestResponseCycle", None)
     if cycle is None or "self.response_complete =" not in inspect.getsource(cycle):
         missing.append("RequestResponseCycle.response_complete")
+    try:
+        from uvicorn.server import ServerState
+
+        if not isinstance(ServerState().default_headers, list):
+            missing.append("ServerState.default_headers (a list of header pairs)")
+    except (ImportError, AttributeError):
+        missing.append("uvicorn.server.ServerState.default_headers")
     missing += [f"h11.{n}" for n in H11_NAMES if not hasattr(h11, n)]
     if not hasattr(h11.Connection, "trailing_data"):
         missing.append("h11.Connection.trailing_data")
