@@ -31,14 +31,14 @@ def served_detector(threads: int, strategy: dict | None):
 
     torch.set_num_threads(threads)
     settings = Settings()
-    device = resolve_device(settings.device)
+    device = resolve_device(settings.model.device)
     model, card = load_model(settings, device)
     detector = load_detector(DEFAULT_MODEL_DIR / "detector", model)
     if strategy and strategy.get("table"):
         detector.strategy = StrategyTable.from_dict(strategy)
     else:
-        ServedStrategy(settings.strategy, model, model_fingerprint(model), card.input_shape, len(card.class_names),
-                       device, settings.max_batch_rows).apply(detector)
+        ServedStrategy(settings.model.strategy, model, model_fingerprint(model), card.input_shape,
+                       len(card.class_names), device, settings.batching.max_batch_rows).apply(detector)
     return detector, card, device, settings
 
 

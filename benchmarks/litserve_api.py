@@ -50,9 +50,9 @@ if LITSERVE is not None:
 
             self.detector, self.card, self.device, settings = served_detector(self.threads, self.strategy_dict)
             self.version = BUNDLED_VERSION
-            self.alpha = settings.alpha if settings.alpha is not None else self.detector.alpha
+            self.alpha = settings.model.alpha if settings.model.alpha is not None else self.detector.alpha
             self.rows_of = PredictWorker(DetectorSlot(self.detector, self.version), self.card,
-                                         ServiceMetrics(CollectorRegistry()), self.device, settings.alpha)._rows
+                                         ServiceMetrics(CollectorRegistry()), self.device, settings.model.alpha)._rows
             self.detector.score(torch.zeros((1, *self.card.input_shape), device=self.device))
 
         def decode_request(self, request, **kwargs):

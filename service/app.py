@@ -7,13 +7,16 @@ starts the compute worker thread (the dynamic batcher) and releases all of it in
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections.abc import Callable, Iterable
 from contextlib import asynccontextmanager
 
 import torch
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
+from starlette.datastructures import State
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from detectors.autotune import PROCESS_CACHE, StrategyCache, StrategyTable
@@ -30,7 +33,7 @@ from service.fitjobs import FitJobManager
 from service.metrics import ServiceMetrics
 from service.models import load_model
 from service.reload import ReloadWatcher, SwapGate
-from service.routes import predict, router
+from service.routes import admission_refusal, router
 from service.settings import DEFAULT_MODEL_DIR, Settings
 from service.worker import DetectorSlot, PredictWorker
 
@@ -137,43 +140,96 @@ class StrategySlot(DetectorSlot):
         super().swap(detector, version)
 
 
-PREDICT_ROUTE = next(r for r in router.routes if getattr(r, "path", None) == "/predict")
-
-
-async def _predict_direct(scope: Scope, receive: Receive, send: Send) -> None:
-    """``POST /predict`` (no query string) straight to its handler: the same function the router
-    calls, its :class:`ApiError` answered with the same envelope the exception handler writes,
-    without the router's and the exception middleware's work per request (a few percent of a
-    core at saturation, on the core the model computes on)."""
-    scope["route"] = PREDICT_ROUTE  # the metrics' route label, as the router sets it
-    try:
-        response = await predict(Request(scope, receive))
-    except ApiError as exc:
-        response = envelope(exc.status, exc.type, exc.message, exc.headers)
-    await response(scope, receive, send)
-
-
 UNLIMITED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})  # probes and scrapes are never shed
+
+
+class BodyTimeoutError(ApiError):
+    """No request body bytes for ``GGA_BODY_TIMEOUT_S`` while the service waited for them: 408, connection closed."""
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(408, "request_timeout", f"the request body stalled: no bytes received for {timeout_s:g} s",
+                         headers={"Connection": "close"})
+
+
+def receive_within(receive: Receive, timeout_s: float) -> Receive:
+    """``receive`` with a deadline on each wait for body bytes (ASGI ``http.request`` messages).
+
+    Each call waits at most ``timeout_s`` seconds (an inactivity bound: every chunk restarts
+    it, the total upload time is bounded by the size limits) and raises
+    :class:`BodyTimeoutError` past it. The clock runs only while the app waits in
+    ``receive()``, so time the service spends elsewhere is never counted against the client
+    (and a client waiting for ``100 Continue`` gets it when the app first asks). Once the last
+    body message has arrived, later calls (a wait for ``http.disconnect``) have no deadline.
+    """
+    done = False
+
+    async def receive_() -> Message:
+        nonlocal done
+        if done:
+            return await receive()
+        try:
+            async with asyncio.timeout(timeout_s):  # one timer handle, no extra task
+                message = await receive()
+        except TimeoutError:
+            raise BodyTimeoutError(timeout_s) from None
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            done = True
+        return message
+
+    return receive_
+
+
+class RouteLabels:
+    """The metrics' route label of a request path: the template of the route it matches (``/fit/{job_id}``),
+    else ``unmatched``; computed from the routes' paths alone, before or without routing."""
+
+    def __init__(self, paths: Iterable[str]) -> None:
+        self.fixed = frozenset(p for p in paths if "{" not in p)
+        self.templates = [(p, p.split("/")) for p in paths if "{" in p]
+
+    def __call__(self, path: str) -> str:
+        if path in self.fixed:
+            return path
+        parts = path.split("/")
+        for template, segments in self.templates:  # a {parameter} segment matches one non-empty segment
+            if len(parts) == len(segments) and all(
+                    (s.startswith("{") and s.endswith("}") and p) or s == p
+                    for s, p in zip(segments, parts, strict=True)):
+                return template
+        return "unmatched"
 
 
 class RequestMetrics:
     """Counts every HTTP response in ``gga_requests_total{route,status}`` and times it; sheds excess requests.
 
-    A plain ASGI middleware (inside Starlette's server-error layer): it sees the status
-    of every response, the 4xx of :class:`ApiError` as well as 500s, and is the one place
-    where an unhandled exception becomes an answer: :func:`service.errors.internal_error`
-    (500 envelope, traceback logged), counted like any response, the connection kept open.
+    A plain ASGI middleware (inside Starlette's server-error layer), reading only the
+    documented ASGI scope (``type``, ``method``, ``path``, ``headers``) and the service's
+    ``app.state`` (given at construction). It sees the status of every response, the 4xx of
+    :class:`ApiError` as well as 500s, and is the one place where an unhandled exception
+    becomes an answer: :func:`service.errors.internal_error` (500 envelope, traceback logged),
+    counted like any response, the connection kept open.
 
-    It checks the read token (``GGA_READ_TOKEN``, :mod:`service.auth`) of ``/info`` and the
-    docs, and holds the concurrency limit (``GGA_MAX_CONCURRENT_REQUESTS``): a request
-    beyond it gets a 503 envelope before routing, before its body is read, which costs
-    the event loop next to nothing. Probes and ``/metrics`` are neither counted nor shed.
+    Before routing, before any body is read, it answers 503 (``Retry-After``) to a request
+    beyond the concurrency limit (``GGA_MAX_CONCURRENT_REQUESTS``) and to a ``POST /predict``
+    while the queue admits nothing now (:func:`service.routes.admission_refusal`), and 401 to
+    ``/info`` and the docs without the read token (``GGA_READ_TOKEN``, :mod:`service.auth`).
+    Every request body is read under ``GGA_BODY_TIMEOUT_S`` (:func:`receive_within`). Probes
+    and ``/metrics`` are never shed. The route label is the path template the request matches
+    (:class:`RouteLabels`, from the paths of the OpenAPI schema and the docs' paths), found
+    without the router.
     """
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, state: State, openapi: Callable[[], dict]) -> None:
         self.app = app
+        self.state = state  # the service's app.state: settings, batcher, metrics (set by the lifespan)
+        self.openapi = openapi  # the application's OpenAPI schema (FastAPI.openapi): its paths are the route labels
         self.active = 0  # requests in progress, of the limited paths (one event loop: no lock needed)
-        self._paths: frozenset[str] | None = None
+        self._labels: RouteLabels | None = None
+
+    def label(self, path: str) -> str:
+        if self._labels is None:  # at the first request: every route is in place by then
+            self._labels = RouteLabels([*self.openapi().get("paths", {}), *READER_PATHS])
+        return self._labels(path)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -181,6 +237,7 @@ class RequestMetrics:
             return
         t0 = time.perf_counter()
         status: int | None = None
+        path = scope["path"]
 
         async def send_seen(message: Message) -> None:
             nonlocal status
@@ -188,28 +245,36 @@ class RequestMetrics:
                 status = message["status"]
             await send(message)
 
-        limited = scope.get("path") not in UNLIMITED_PATHS
-        if limited and self._over_limit(scope):
+        async def answer(response, code: int) -> None:
             try:
-                await envelope(503, "overloaded", f"too many requests in progress ({self.active}); retry later",
-                               {"Retry-After": "1"})(scope, receive, send_seen)
+                await response(scope, receive, send_seen)
             finally:
-                self._count(scope, status or 503, time.perf_counter() - t0, self._route_of(scope))
+                self._count(self.label(path), status or code, time.perf_counter() - t0)
+
+        settings = getattr(self.state, "settings", None)
+        limited = path not in UNLIMITED_PATHS
+        limit = settings.limits.max_concurrent_requests if settings is not None else None
+        if limited and limit is not None and self.active >= limit:
+            await answer(envelope(503, "overloaded", f"too many requests in progress ({self.active}); retry later",
+                                  {"Retry-After": "1"}), 503)
             return
-        if scope.get("path") in READER_PATHS and not self._reader(scope):
-            await envelope(401, "unauthorized", "this page needs the read token (GGA_READ_TOKEN) or the admin token: "
-                           "'Authorization: Bearer <token>', or HTTP Basic with the token as password",
-                           {"WWW-Authenticate": 'Basic realm="GGA trust service", Bearer'})(scope, receive, send_seen)
-            self._count(scope, 401, time.perf_counter() - t0, self._route_of(scope))
+        if path == "/predict" and scope["method"] == "POST":
+            refusal = admission_refusal(self.state)
+            if refusal is not None:
+                await answer(envelope(refusal.status, refusal.type, refusal.message, refusal.headers), 503)
+                return
+        if path in READER_PATHS and not self._reader(settings, scope):
+            await answer(envelope(401, "unauthorized", "this page needs the read token (GGA_READ_TOKEN) or the admin "
+                                  "token: 'Authorization: Bearer <token>', or HTTP Basic with the token as password",
+                                  {"WWW-Authenticate": 'Basic realm="GGA trust service", Bearer'}), 401)
             return
+        if settings is not None:
+            receive = receive_within(receive, settings.server.body_timeout_s)
         if limited:
             self.active += 1
         try:
             try:
-                if scope.get("method") == "POST" and scope.get("path") == "/predict" and not scope.get("query_string"):
-                    await _predict_direct(scope, receive, send_seen)  # the hot path, without the router
-                else:
-                    await self.app(scope, receive, send_seen)
+                await self.app(scope, receive, send_seen)
             except Exception as exc:
                 if status is not None:  # the answer has begun: nothing left but to let the server close it
                     raise
@@ -218,78 +283,61 @@ class RequestMetrics:
             if limited:
                 self.active -= 1
             if status is not None:
-                self._count(scope, status, time.perf_counter() - t0)
-
-    def _over_limit(self, scope: Scope) -> bool:
-        app = scope.get("app")
-        settings = getattr(app.state, "settings", None) if app is not None else None
-        limit = getattr(settings, "max_concurrent_requests", None)
-        return limit is not None and self.active >= limit
+                self._count(self.label(path), status, time.perf_counter() - t0)
 
     @staticmethod
-    def _reader(scope: Scope) -> bool:
+    def _reader(settings: Settings | None, scope: Scope) -> bool:
         """Whether the request may read /info and the docs: no read token set, or it presents one of the tokens."""
-        app = scope.get("app")
-        settings = getattr(app.state, "settings", None) if app is not None else None
-        reader = secret_of(getattr(settings, "read_token", None))
+        reader = secret_of(settings.auth.read_token) if settings is not None else None
         if not reader:
             return True
-        header = next((v.decode("latin-1") for k, v in scope.get("headers", ()) if k == b"authorization"), "")
-        return matches(presented(header, basic=True), reader, secret_of(settings.admin_token))
+        header = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), "")
+        return matches(presented(header, basic=True), reader, secret_of(settings.auth.admin_token))
 
-    def _route_of(self, scope: Scope) -> str:
-        """The route label of a request shed before routing: its path when it is one of ours, else unmatched."""
-        if self._paths is None:
-            self._paths = frozenset(getattr(r, "path", "") for r in router.routes) | READER_PATHS
-        path = scope.get("path", "")
-        return path if path in self._paths else "unmatched"
-
-    @staticmethod
-    def _count(scope: Scope, status: int, seconds: float, route: str | None = None) -> None:
-        app = scope.get("app")
-        m = getattr(app.state, "metrics", None) if app is not None else None
+    def _count(self, route: str, status: int, seconds: float) -> None:
+        m = getattr(self.state, "metrics", None)
         if m is None:
             return
-        label = route or getattr(scope.get("route"), "path", None) or "unmatched"
-        m.requests.labels(route=label, status=str(status)).inc()
-        m.request_seconds.labels(route=label).observe(seconds)
+        m.requests.labels(route=route, status=str(status)).inc()
+        m.request_seconds.labels(route=route).observe(seconds)
 
 
 def create_app(settings: Settings | None = None, registry: CollectorRegistry | None = None) -> FastAPI:
     settings = settings or Settings()
+    batching = settings.batching
     registry = registry if registry is not None else CollectorRegistry()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         batcher = fits = watcher = None
         try:
-            if settings.torch_threads:
-                torch.set_num_threads(settings.torch_threads)
-            device = resolve_device(settings.device)
+            if settings.model.torch_threads:
+                torch.set_num_threads(settings.model.torch_threads)
+            device = resolve_device(settings.model.device)
             model, card = load_model(settings, device)
             fingerprint = model_fingerprint(model)
-            store = ArtifactStore(settings.artifact_dir, fingerprint)
-            log.info("artifact directory %s", settings.artifact_dir)  # absolute (Settings resolves it)
+            store = ArtifactStore(settings.storage.artifact_dir, fingerprint)
+            log.info("artifact directory %s", settings.storage.artifact_dir)  # absolute (Settings resolves it)
             detector, version = _initial_detector(model, store)
             metrics = ServiceMetrics(registry)
-            strategy = ServedStrategy(settings.strategy, model, fingerprint, card.input_shape, len(card.class_names),
-                                      device, settings.max_batch_rows)
+            strategy = ServedStrategy(settings.model.strategy, model, fingerprint, card.input_shape,
+                                      len(card.class_names), device, batching.max_batch_rows)
             strategy.apply(detector)  # GGA_STRATEGY=auto: measured here, before the warm-up below
             slot = StrategySlot(detector, version, strategy)
             if version is not None:
                 metrics.set_detector_version(version)
-            worker = PredictWorker(slot, card, metrics, device, settings.alpha)
+            worker = PredictWorker(slot, card, metrics, device, settings.model.alpha)
             batcher = DynamicBatcher(
-                worker.compute, max_batch_rows=settings.max_batch_rows,
-                max_delay_s=settings.max_delay_ms / 1000.0,
-                max_queue_rows=max(settings.max_queue_rows, settings.max_batch_rows),
-                timeout_s=max(settings.request_timeout_s, settings.max_delay_ms / 1000.0 + 1e-3),
-                max_wait_s=(None if settings.max_queue_wait_s is None
-                            else min(settings.max_queue_wait_s, settings.request_timeout_s)),
+                worker.compute, max_batch_rows=batching.max_batch_rows,
+                max_delay_s=batching.max_delay_ms / 1000.0,
+                max_queue_rows=batching.max_queue_rows,  # Settings: at least max_batch_rows
+                timeout_s=batching.request_timeout_s,  # Settings: above the batching delay
+                max_wait_s=(None if batching.max_queue_wait_s is None
+                            else min(batching.max_queue_wait_s, batching.request_timeout_s)),
                 on_batch=worker.on_batch,
             )
             metrics.queue_rows.set_function(lambda: batcher.queued_rows)  # read at each scrape
-            metrics.alpha.set_function(  # the served alpha (GGA_ALPHA, else the detector's), read at each scrape
+            metrics.alpha.set_function(  # the served alpha (GGA_SERVE_ALPHA, else the detector's), read at each scrape
                 lambda: worker.alpha if worker.alpha is not None else
                 float("nan") if (d := slot.get()[0]) is None else d.alpha)
             metrics.calibration_size.set_function(  # the served detector's m (drift alarm's bound), per scrape
@@ -300,14 +348,15 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
             slot.run = batcher.run_between
             fits = FitJobManager(model, device, store, gate, metrics, num_classes=len(card.class_names),
                                  feature_layers=card.feature_layers,
-                                 batch_size=min(settings.fit_batch_size, settings.max_batch_rows),
+                                 batch_size=min(settings.fit.batch_size, batching.max_batch_rows),
                                  run=batcher.run_between)
-            watcher = ReloadWatcher(store, model, gate, interval_s=settings.reload_interval_s)
-            app.state.__dict__.update(
-                settings=settings, registry=registry, metrics=metrics, model=model, card=card, device=device,
+            watcher = ReloadWatcher(store, model, gate, interval_s=settings.storage.reload_interval_s)
+            for name, value in dict(
+                registry=registry, metrics=metrics, model=model, card=card, device=device,
                 fingerprint=fingerprint, store=store, slot=slot, worker=worker, batcher=batcher, fits=fits,
                 strategy=strategy, watcher=watcher,
-            )
+            ).items():
+                setattr(app.state, name, value)
             if detector is not None:  # warm-up: the first request should not pay for lazy init
                 detector.score(torch.zeros((1, *card.input_shape), device=device))
             batcher.start()
@@ -338,10 +387,11 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
         redoc_url=None,
     )
     app.state.ready = False
+    app.state.settings = settings  # before the lifespan: the request middleware reads its limits
     install_error_handlers(app)
     app.include_router(router)
     install_docs(app)
 
-    app.add_middleware(RequestMetrics)
+    app.add_middleware(RequestMetrics, state=app.state, openapi=app.openapi)
 
     return app

@@ -2,6 +2,8 @@
 
 Settings come from ``GGA_*`` environment variables; ``--host``/``--port`` override
 them. With no configuration it serves the bundled reference MNIST CNN and its detector.
+The server is started through uvicorn's public API (``uvicorn.Config``, ``uvicorn.Server``);
+only ``GGA_GUARDED_PROTOCOL=true`` swaps in the service's own h11 protocol (:mod:`service.protocol`).
 """
 
 from __future__ import annotations
@@ -11,12 +13,26 @@ import logging
 import sys
 
 import uvicorn
-from uvicorn.server import STARTUP_FAILURE
 
 from service.app import create_app
-from service.protocol import slow_client_protocol
 from service.server import DrainingServer
-from service.settings import Settings
+from service.settings import Settings, SettingsError
+
+EXIT_STARTUP_FAILED = 3  # the lifespan failed (no model, a broken detector), as uvicorn.run exits then
+EXIT_BAD_SETTINGS = 2
+
+
+def server_config(app, settings: Settings) -> uvicorn.Config:
+    """The uvicorn configuration of ``settings``: documented ``uvicorn.Config`` parameters only, and the h11
+    implementation (the one the service is tested with, also where uvloop/httptools are installed)."""
+    http: str | type = "h11"
+    if settings.server.guarded_protocol:
+        from service.protocol import guarded_protocol
+
+        http = guarded_protocol(settings, app)  # header timeout, shedding before parsing
+    return uvicorn.Config(app, host=settings.server.host, port=settings.server.port,
+                          log_level=settings.server.log_level, http=http,
+                          timeout_graceful_shutdown=settings.server.shutdown_grace_s)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -26,16 +42,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=int, help="port (GGA_PORT, default 8000)")
     args = p.parse_args(argv)
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
-    settings = Settings(**overrides)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = Settings(**overrides)
+    except SettingsError as exc:
+        print(f"gga-serve: {exc}", file=sys.stderr)
+        sys.exit(EXIT_BAD_SETTINGS)
+    logging.basicConfig(level=settings.server.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            timeout_graceful_shutdown=settings.shutdown_grace_s,
-                            http=slow_client_protocol(settings, app))  # read timeouts, shedding before parsing
-    server = DrainingServer(config, app)  # SIGTERM: stop admitting, drain the queue, 503 for what is left
+    server = DrainingServer(server_config(app, settings), app)  # SIGTERM: stop admitting, drain, 503 what is left
     server.run()
     if not server.started:  # the lifespan failed (no model, bad settings): as uvicorn.run does
-        sys.exit(STARTUP_FAILURE)
+        sys.exit(EXIT_STARTUP_FAILED)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ Two ways to reach the detector:
   one :class:`Settings` from the ``GGA_*`` environment; ``--model``, ``--model-weights``,
   ``--model-card`` and ``--device`` override ``GGA_MODEL``, ``GGA_MODEL_WEIGHTS``,
   ``GGA_MODEL_CARD`` and ``GGA_DEVICE``. A sample is flagged when trust < the served alpha
-  (``GGA_ALPHA``, else the detector's own), as the server does.
+  (``GGA_SERVE_ALPHA``, else the detector's own), as the server does.
 - ``--url``: a running service, scored through :class:`service.client.GGAClient`
   (``/info`` for the detector, ``/predict`` in batches of ``--batch-size``). A service
   with a read token (``GGA_READ_TOKEN``) needs it: ``--read-token``, else the

@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import TextIO
 
 import torch
-from pydantic import ValidationError
 
 from detectors.fingerprint import model_fingerprint
 from detectors.presets import PRESETS, build_detector
@@ -45,7 +44,7 @@ from service.errors import ApiError
 from service.fitdata import check_pair, load_npz, read_npz
 from service.fitjobs import FitOptions, fit_result
 from service.models import ModelLoadError, load_model
-from service.settings import Settings
+from service.settings import Settings, SettingsError
 
 log = logging.getLogger("service.fitcli")
 
@@ -179,15 +178,15 @@ def load_served_model(overrides: dict):
     offline commands (gga-fit, gga-eval)."""
     try:
         settings = Settings(**overrides)
-    except ValidationError as exc:
-        raise UsageError(f"invalid settings (GGA_* environment or flags):\n{exc}") from exc
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
+    except SettingsError as exc:
+        raise UsageError(f"{exc} (GGA_* environment or flags)") from exc
+    if settings.model.torch_threads:
+        torch.set_num_threads(settings.model.torch_threads)
     try:
-        device = resolve_device(settings.device)
+        device = resolve_device(settings.model.device)
         model, card = load_model(settings, device)
     except (ModelLoadError, RuntimeError) as exc:
-        raise UsageError(f"cannot load the model ({settings.model}): {exc}") from exc
+        raise UsageError(f"cannot load the model ({settings.model.name}): {exc}") from exc
     return settings, device, model, card
 
 
@@ -198,10 +197,10 @@ def run(args: argparse.Namespace) -> dict:
     settings, device, model, card = load_served_model(overrides)
     n_classes = len(card.class_names)
 
-    top_n = settings.top_n if args.top_n is None else (n_classes if args.top_n == "all" else args.top_n)
-    alpha = args.alpha if args.alpha is not None else (settings.alpha if settings.alpha is not None else 0.05)
+    top_n = settings.fit.top_n if args.top_n is None else (n_classes if args.top_n == "all" else args.top_n)
+    alpha = args.alpha if args.alpha is not None else settings.fit.alpha
     try:
-        options = FitOptions(preset=args.preset or settings.detector, top_n=top_n, alpha=alpha)
+        options = FitOptions(preset=args.preset or settings.fit.preset, top_n=top_n, alpha=alpha)
         _build(options, model, card)  # refuse options the model cannot take before reading any data
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
@@ -213,7 +212,7 @@ def run(args: argparse.Namespace) -> dict:
     try:
         det = _build(options, model, card)
         cal_t = None if cal is None else (torch.from_numpy(cal[0]), torch.from_numpy(cal[1]))
-        det.fit(torch.from_numpy(x), torch.from_numpy(y), batch_size=settings.fit_batch_size, progress=progress,
+        det.fit(torch.from_numpy(x), torch.from_numpy(y), batch_size=settings.fit.batch_size, progress=progress,
                 calibration=cal_t)
     except Exception as exc:  # noqa: BLE001 - any failure of the fit is reported; nothing was written
         log.debug("fit failed", exc_info=True)
@@ -222,7 +221,7 @@ def run(args: argparse.Namespace) -> dict:
         if progress is not None:
             progress.close()
     fingerprint = model_fingerprint(model)
-    store = ArtifactStore(settings.artifact_dir, fingerprint)
+    store = ArtifactStore(settings.storage.artifact_dir, fingerprint)
     try:
         version, path = store.save_new(det)  # temporary name, fsync, rename: never a half-written version
     except Exception as exc:  # noqa: BLE001

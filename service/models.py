@@ -123,7 +123,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _load_card(settings: Settings, default: dict | None, weights: Path | None) -> ModelCard:
-    path = settings.model_card
+    path = settings.model.card
     if path is None and weights is not None and (weights.parent / "model_card.json").exists():
         path = weights.parent / "model_card.json"
     if path is not None:
@@ -138,8 +138,8 @@ def _load_card(settings: Settings, default: dict | None, weights: Path | None) -
 
 def load_model(settings: Settings, device: torch.device) -> tuple[torch.nn.Module, ModelCard]:
     """The model in eval mode on ``device``, with its card."""
-    spec = settings.model
-    weights = settings.model_weights
+    spec = settings.model.name
+    weights = settings.model.weights
     if spec.startswith("torchscript:"):
         path = Path(spec.removeprefix("torchscript:"))
         if not path.exists():

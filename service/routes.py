@@ -56,12 +56,28 @@ _FIT_BODY = {
                            "description": "detector preset (default: GGA_DETECTOR)"},
                 "top_n": {"type": "string", "description": "classes in the CSM: an integer >= 3 or 'all' "
                           "(default: GGA_TOP_N, else the preset's choice)"},
-                "alpha": {"type": "number", "description": "flag when trust < alpha (default 0.05)"}},
+                "alpha": {"type": "number", "description": "flag when trust < alpha (default: GGA_FIT_ALPHA, "
+                          "0.05)"}},
                 "required": ["file"]}},
             "application/json": {"schema": FitPathRequest.model_json_schema()},
         },
     }
 }
+
+
+def admission_refusal(state) -> ApiError | None:
+    """The 503 for a ``POST /predict`` while the queue admits nothing now (not even one row), else None.
+
+    Asked by the request middleware before routing, before the body is read: under overload
+    most requests are refused here, and each refusal costs the event loop next to nothing.
+    None while the service is not ready (the route answers that)."""
+    batcher = getattr(state, "batcher", None)
+    if not getattr(state, "ready", False) or batcher is None or batcher.admits(1):
+        return None
+    wait = batcher.estimated_wait_s(1)
+    why = f"estimated wait {wait:.1f} s" if wait is not None and batcher.queued_rows < batcher.max_queue_rows \
+        else f"{batcher.queued_rows} of {batcher.max_queue_rows} rows queued"
+    return ApiError(503, "overloaded", f"the queue is full ({why}); retry later", headers={"Retry-After": "1"})
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -85,13 +101,8 @@ async def predict(request: Request, return_csm: bool = False) -> Response:
     if ctype != "application/json" and ctype not in NPY_TYPES:
         raise ApiError(415, "unsupported_media_type", f"content type {ctype or '(none)'!r} is not supported; send "
                        "application/json ({\"inputs\": [...]}) or application/x-npy (one .npy array)")
-    batcher = st.batcher
-    if not batcher.admits(1):  # admission before reading or decoding the body: not even one row fits now
-        wait = batcher.estimated_wait_s(1)
-        why = f"estimated wait {wait:.1f} s" if wait is not None and batcher.queued_rows < batcher.max_queue_rows \
-            else f"{batcher.queued_rows} of {batcher.max_queue_rows} rows queued"
-        raise ApiError(503, "overloaded", f"the queue is full ({why}); retry later", headers={"Retry-After": "1"})
-    body = await _read_body(request, st.settings.max_request_bytes)
+    # (a queue that admits nothing now was answered 503 before routing: RequestMetrics, admission_refusal)
+    body = await _read_body(request, st.settings.limits.max_request_bytes)
     shape = st.card.input_shape
     if ctype == "application/json":
         doc = parse_json_body(body)
@@ -119,8 +130,9 @@ async def predict(request: Request, return_csm: bool = False) -> Response:
         raise ApiError(503, "overloaded", f"the queue is full ({why}); retry later",
                        headers={"Retry-After": str(retry)}) from exc
     except QueueTimeoutError as exc:
-        raise ApiError(504, "timeout", f"the request could not be computed within {st.settings.request_timeout_s} s "
-                       "of its arrival (it waited in the queue) and was not computed") from exc
+        raise ApiError(504, "timeout", "the request could not be computed within "
+                       f"{st.settings.batching.request_timeout_s} s of its arrival (it waited in the queue) and was "
+                       "not computed") from exc
     except RequestTooLargeError as exc:
         raise ApiError(413, "payload_too_large", str(exc)) from exc
     except BatcherClosedError as exc:
@@ -129,7 +141,8 @@ async def predict(request: Request, return_csm: bool = False) -> Response:
         raise ApiError(503, "no_detector", str(exc)) from exc
     except NonFiniteLogitsError as exc:
         raise ApiError(422, "non_finite_output", str(exc)) from exc
-    alpha = st.settings.alpha if st.settings.alpha is not None else detector.alpha
+    served = st.settings.model.alpha
+    alpha = served if served is not None else detector.alpha
     answer = {"model": st.card.name, "alpha": alpha, "predictions": rows}
     if warnings:
         answer["warnings"] = warnings
@@ -152,7 +165,7 @@ def _range_warnings(card, x: np.ndarray) -> list[dict]:
 
 
 def _require_admin(request: Request) -> None:
-    secret = secret_of(request.app.state.settings.admin_token)
+    secret = secret_of(request.app.state.settings.auth.admin_token)
     if not secret:  # unset or blank (Settings turns a blank one into None; this holds for any Settings)
         raise ApiError(403, "fit_disabled", "POST /fit is disabled: start the service with GGA_ADMIN_TOKEN set (not "
                        "empty) and send it as 'Authorization: Bearer <token>'")
@@ -170,7 +183,7 @@ async def fit(request: Request) -> Response:
     _require_admin(request)
     st = request.app.state
     ctype = media_type(request.headers.get("content-type"))
-    limit = st.settings.max_fit_bytes
+    limit = st.settings.limits.max_fit_bytes
     shape, n_classes = st.card.input_shape, len(st.card.class_names)
     if ctype == "multipart/form-data":
         form = await read_form(request, limit)
@@ -188,7 +201,7 @@ async def fit(request: Request) -> Response:
         if not isinstance(doc.get("path"), str):
             raise ApiError(422, "invalid_input", 'expected {"path": "<file inside GGA_DATA_DIR>"}')
         options = _fit_options(st, {k: doc[k] for k in FIT_OPTION_FIELDS if k in doc}, from_form=False)
-        path = _data_path(st.settings.data_dir, doc["path"])
+        path = _data_path(st.settings.fit.data_dir, doc["path"])
         x, y, cal = await run_in_threadpool(_load_npz, path, shape, n_classes, None)  # the operator's file: no limit
     else:
         raise ApiError(415, "unsupported_media_type", "send multipart/form-data with a 'file' field (.npz) or JSON "
@@ -209,10 +222,10 @@ FIT_OPTION_FIELDS = ("preset", "top_n", "alpha")
 
 def _fit_options(st, given: dict, *, from_form: bool) -> FitOptions:
     """The fit's options: what the request names, else the service's settings (GGA_DETECTOR, GGA_TOP_N,
-    GGA_ALPHA). Form fields arrive as text: top_n as an integer or "all" (every class of the model), alpha
+    GGA_FIT_ALPHA). Form fields arrive as text: top_n as an integer or "all" (every class of the model), alpha
     as a number; JSON top_n null means the preset's choice."""
-    s = st.settings
-    opts = {"preset": s.detector, "top_n": s.top_n, "alpha": s.alpha if s.alpha is not None else 0.05}
+    f = st.settings.fit
+    opts = {"preset": f.preset, "top_n": f.top_n, "alpha": f.alpha}
     for key, value in given.items():
         if from_form and isinstance(value, str):
             text = value.strip()
@@ -272,13 +285,11 @@ async def info(request: Request) -> Response:
         "class_names": st.card.class_names,
         "device": str(st.device),
         "detector_version": version,
-        "artifact_dir": str(s.artifact_dir),
+        "artifact_dir": str(s.storage.artifact_dir),
         "detector": _detector_info(detector),
-        "alpha": s.alpha if s.alpha is not None else (detector.alpha if detector else None),
-        "batching": {"max_batch_rows": s.max_batch_rows, "max_delay_ms": s.max_delay_ms,
-                     "max_queue_rows": s.max_queue_rows, "max_queue_wait_s": s.max_queue_wait_s,
-                     "max_concurrent_requests": s.max_concurrent_requests, "request_timeout_s": s.request_timeout_s,
-                     "max_request_bytes": s.max_request_bytes},
+        "alpha": s.model.alpha if s.model.alpha is not None else (detector.alpha if detector else None),
+        "batching": {**s.batching.model_dump(), "max_concurrent_requests": s.limits.max_concurrent_requests,
+                     "max_request_bytes": s.limits.max_request_bytes},
         "strategy": st.strategy.info(detector),
         "model_card": st.card.extra,
     })

@@ -633,8 +633,8 @@ def test_alarm_on_the_service_counters_clean_then_out_of_distribution(tmp_path):
     assert (k1 - k0) / 400 <= bound(alpha, 400, m)
     assert alarm(alpha, n2 - n1, k2 - k1, m), f"Fashion-MNIST: {k2 - k1} of 200 flagged"
 
-    (alpha, *_), = run(go(make_settings(tmp_path, alpha=0.1), []))
-    assert alpha == 0.1  # GGA_ALPHA overrides the detector's
+    (alpha, *_), = run(go(make_settings(tmp_path, serve_alpha=0.1), []))
+    assert alpha == 0.1  # GGA_SERVE_ALPHA overrides the detector's
 
     async def swapped():
         async with Running(make_settings(tmp_path)) as svc:

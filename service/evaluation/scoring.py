@@ -75,7 +75,7 @@ class LocalScorer:
             self.detector = load_detector(directory, self.model)
         except Exception as exc:  # noqa: BLE001 - no detector there, another model's (fingerprint), broken files
             raise UsageError(f"--detector {directory}: {exc}") from exc
-        self.alpha = float(settings.alpha if settings.alpha is not None else self.detector.alpha)
+        self.alpha = float(settings.model.alpha if settings.model.alpha is not None else self.detector.alpha)
         self.input_shape = tuple(self.card.input_shape)
         self.class_names = list(self.card.class_names)
         m = re.match(r"^v(\d{4,})$", directory.name)
@@ -88,7 +88,7 @@ class LocalScorer:
         meta = self.detector.metadata()
         self.info = {
             **describe(self.detector), "version": version, "alpha": self.alpha,
-            "alpha_source": "GGA_ALPHA" if settings.alpha is not None else "the detector's",
+            "alpha_source": "GGA_SERVE_ALPHA" if settings.model.alpha is not None else "the detector's",
             "path": str(directory.resolve()), "model_fingerprint": meta.get("model_fingerprint"),
             "config": meta.get("config"),
         }

@@ -64,7 +64,7 @@ def test_read_token_guards_info_and_docs_only(tmp_path) -> None:
 
 def test_blank_read_token_leaves_info_open(tmp_path) -> None:
     settings = make_settings(tmp_path, read_token="  ")
-    assert settings.read_token is None
+    assert settings.auth.read_token is None
 
     async def go():
         async with Running(settings) as svc:

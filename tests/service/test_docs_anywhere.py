@@ -55,17 +55,17 @@ def test_artifact_dir_is_absolute_logged_and_shown_in_info(tmp_path, monkeypatch
     started_in.mkdir()
     elsewhere.mkdir()
     monkeypatch.chdir(started_in)
-    assert Settings(_env_file=None).artifact_dir == started_in.resolve() / "artifacts"  # the default
+    assert Settings(_env_file=None).storage.artifact_dir == started_in.resolve() / "artifacts"  # the default
     monkeypatch.setenv("GGA_ARTIFACT_DIR", "store/v")
-    assert Settings(_env_file=None).artifact_dir == started_in.resolve() / "store" / "v"
+    assert Settings(_env_file=None).storage.artifact_dir == started_in.resolve() / "store" / "v"
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("GGA_ARTIFACT_DIR", "~/home-store")
-    assert Settings(_env_file=None).artifact_dir == tmp_path.resolve() / "home-store"
+    assert Settings(_env_file=None).storage.artifact_dir == tmp_path.resolve() / "home-store"
     monkeypatch.delenv("GGA_ARTIFACT_DIR")
 
     settings = make_settings(tmp_path, artifact_dir="relative-store")
     expected = started_in.resolve() / "relative-store"
-    assert settings.artifact_dir == expected and settings.artifact_dir.is_absolute()
+    assert settings.storage.artifact_dir == expected and settings.storage.artifact_dir.is_absolute()
     monkeypatch.chdir(elsewhere)  # the working directory changes after the settings are built: no effect
 
     async def go():

@@ -141,7 +141,7 @@ def test_bad_arguments_and_data_exit_2_and_write_nothing(tmp_path, mnist_test, c
         (["--data", t / "ok.npz", "--top-n", "five"], "argument --top-n: expected an integer >= 3 or 'all'"),
         (["--data", t / "ok.npz", "--alpha", "1.5"], "alpha must be a number in (0, 1)"),
         (["--data", t / "ok.npz", "--preset", "best"], "argument --preset: invalid choice: 'best'"),
-        (["--data", t / "ok.npz", "--batch-size", "0"], "fit_batch_size"),
+        (["--data", t / "ok.npz", "--batch-size", "0"], "GGA_FIT_BATCH_SIZE=0: Input should be greater than or equal"),
         (["--preset", "gga"], "the following arguments are required: --data"),
     ]
     for argv, message in cases:

@@ -246,12 +246,12 @@ def test_blank_admin_token_is_unset_and_warns(tmp_path, monkeypatch, caplog):
     caplog.set_level(logging.WARNING, logger="service.settings")
     for blank in ("", "   ", "\t\n"):
         monkeypatch.setenv("GGA_ADMIN_TOKEN", blank)
-        assert Settings(_env_file=None).admin_token is None
+        assert Settings(_env_file=None).auth.admin_token is None
     assert [r.levelno for r in caplog.records] == [logging.WARNING] * 3
     assert all("GGA_ADMIN_TOKEN is set but empty" in r.getMessage() for r in caplog.records)
     monkeypatch.setenv("GGA_ADMIN_TOKEN", f"  {TOKEN}\n")  # a token file's trailing newline
     s = Settings(_env_file=None)
-    assert s.admin_token.get_secret_value() == TOKEN and TOKEN not in repr(s)
+    assert s.auth.admin_token.get_secret_value() == TOKEN and TOKEN not in repr(s)
     assert len(caplog.records) == 3 and TOKEN not in caplog.text
     monkeypatch.delenv("GGA_ADMIN_TOKEN")
 

@@ -11,13 +11,12 @@ import time
 
 import numpy as np
 import pytest
-from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 
 from detectors.fingerprint import model_fingerprint
 from service.artifacts import ArtifactStore
 from service.reload import ReloadWatcher, SwapGate, version_number
-from service.settings import DEFAULT_MODEL_DIR, Settings
+from service.settings import DEFAULT_MODEL_DIR, Settings, SettingsError
 from service.worker import DetectorSlot
 from tests.support.service import Running, make_settings, run
 
@@ -155,11 +154,11 @@ def test_an_empty_or_missing_store_changes_nothing(tmp_path):
 
 
 def test_the_interval_setting(monkeypatch):
-    assert Settings(_env_file=None).reload_interval_s == 5.0
+    assert Settings(_env_file=None).storage.reload_interval_s == 5.0
     monkeypatch.setenv("GGA_RELOAD_INTERVAL_S", "0.5")
-    assert Settings(_env_file=None).reload_interval_s == 0.5
+    assert Settings(_env_file=None).storage.reload_interval_s == 0.5
     monkeypatch.setenv("GGA_RELOAD_INTERVAL_S", "-1")
-    with pytest.raises(ValidationError, match="reload_interval_s"):
+    with pytest.raises(SettingsError, match="GGA_RELOAD_INTERVAL_S='-1': Input should be greater than or equal to 0"):
         Settings(_env_file=None)
     with pytest.raises(ValueError, match="interval_s must be >= 0"):
         ReloadWatcher(None, None, None, interval_s=-1)
@@ -169,7 +168,7 @@ def test_the_interval_setting(monkeypatch):
 
 
 def _served_store(app) -> ArtifactStore:
-    return ArtifactStore(app.state.settings.artifact_dir, model_fingerprint(app.state.model))
+    return ArtifactStore(app.state.settings.storage.artifact_dir, model_fingerprint(app.state.model))
 
 
 def _publish(store: ArtifactStore, name: str, *, broken: bool = False):

@@ -10,11 +10,10 @@ import time
 
 import httpx
 import pytest
-from pydantic import ValidationError
 
 from benchmarks.serverproc import start_server
 from service.server import margin_s
-from service.settings import Settings
+from service.settings import Settings, SettingsError
 from tests.support.fakes import slow_server_env
 
 
@@ -74,5 +73,5 @@ def test_sigterm_drains_then_answers_503_then_exits(tmp_path, mnist_test) -> Non
 
 
 def test_grace_must_be_positive() -> None:
-    with pytest.raises(ValidationError, match="shutdown_grace_s"):
+    with pytest.raises(SettingsError, match="GGA_SHUTDOWN_GRACE_S=0: Input should be greater than 0"):
         Settings(_env_file=None, shutdown_grace_s=0)

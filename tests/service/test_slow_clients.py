@@ -1,9 +1,12 @@
-"""Read timeouts for slow clients (service/protocol.py): slowloris headers and stalled bodies.
+"""Read timeouts for slow clients: slowloris headers (the opt-in guarded protocol, service/protocol.py)
+and stalled bodies (ASGI level, service.app.receive_within, with every protocol).
 
-In process: :class:`SlowClientH11Protocol` on a loopback asyncio server with a tiny ASGI app
-and short timeouts. Against the real server: ``gga-serve`` as a subprocess with a 1 s header
-timeout, raw sockets. Time bounds are generous (the suite runs on two loaded cores): what is
-asserted is that the connection is closed, not held open indefinitely.
+In process: :class:`GuardedH11Protocol` on a loopback asyncio server with a tiny ASGI app and
+short timeouts; ``receive_within`` on a fake ``receive``; the check of the uvicorn/h11 internals
+the guarded protocol needs. Against the real server: ``gga-serve`` as a subprocess with the
+guarded protocol, a 1 s header timeout and a 1 s body timeout, raw sockets. Time bounds are
+generous (the suite runs on two loaded cores): what is asserted is that the connection is
+closed, not held open indefinitely.
 """
 
 from __future__ import annotations
@@ -18,12 +21,14 @@ import time
 
 import pytest
 import uvicorn
+from uvicorn.protocols.http import h11_impl
 from uvicorn.server import ServerState
 
 from benchmarks.serverproc import start_server, stop_server
 from service import protocol
-from service.protocol import SlowClientH11Protocol, slow_client_protocol
-from service.settings import Settings
+from service.app import BodyTimeoutError, receive_within
+from service.protocol import GuardedH11Protocol, InternalsChangedError, check_internals, guarded_protocol
+from service.settings import Settings, SettingsError
 
 SLACK_S = 5.0  # a closed connection must be seen within timeout + this
 
@@ -78,12 +83,12 @@ class App:
 
 
 class Served:
-    """A loopback asyncio server speaking the configured protocol (header and body timeouts 0.3 s,
-    uvicorn's keep-alive 5 s); raw connections through :meth:`connect`."""
+    """A loopback asyncio server speaking the guarded protocol (header timeout 0.3 s, uvicorn's
+    keep-alive 5 s); raw connections through :meth:`connect`."""
 
-    def __init__(self, header_s: float = 0.3, body_s: float = 0.3, keep_alive_s: float = 5.0) -> None:
-        settings = Settings(_env_file=None, header_timeout_s=header_s, body_timeout_s=body_s)
-        self.protocol = slow_client_protocol(settings)
+    def __init__(self, header_s: float = 0.3, keep_alive_s: float = 5.0) -> None:
+        settings = Settings(_env_file=None, guarded_protocol=True, header_timeout_s=header_s)
+        self.protocol = guarded_protocol(settings)
         self.app = App()
         self.config = uvicorn.Config(self.app, http=self.protocol, lifespan="off", log_config=None,
                                      timeout_keep_alive=keep_alive_s)
@@ -122,12 +127,24 @@ async def until_closed(reader: asyncio.StreamReader, limit: float = 0.3 + SLACK_
 
 def test_factory_carries_the_settings():
     s = Settings(_env_file=None)
-    assert (s.header_timeout_s, s.body_timeout_s) == (10.0, 30.0)
-    cls = slow_client_protocol(Settings(_env_file=None, header_timeout_s=2.5, body_timeout_s=7))
-    assert issubclass(cls, SlowClientH11Protocol)
-    assert (cls.header_timeout_s, cls.body_timeout_s) == (2.5, 7.0)
-    with pytest.raises(ValueError):
+    assert (s.server.guarded_protocol, s.server.header_timeout_s, s.server.body_timeout_s) == (False, 10.0, 30.0)
+    cls = guarded_protocol(Settings(_env_file=None, guarded_protocol=True, header_timeout_s=2.5))
+    assert issubclass(cls, GuardedH11Protocol) and issubclass(cls, h11_impl.H11Protocol)
+    assert cls.header_timeout_s == 2.5 and cls.shed is None
+    with pytest.raises(SettingsError, match="GGA_HEADER_TIMEOUT_S=0: Input should be greater than 0"):
         Settings(_env_file=None, header_timeout_s=0)
+
+
+def test_the_uvicorn_internals_the_guarded_protocol_needs_are_there(monkeypatch):
+    """Fails, naming the internal, when an installed uvicorn/h11 release no longer has what
+    service/protocol.py subclasses or reads (pyproject.toml pins the range this passed with)."""
+    check_internals()
+    monkeypatch.delattr(h11_impl.H11Protocol, "_unset_keepalive_if_required")
+    with pytest.raises(InternalsChangedError, match=r"lacks: H11Protocol\._unset_keepalive_if_required;"):
+        check_internals()
+    monkeypatch.delattr(h11_impl, "H11Protocol")
+    with pytest.raises(InternalsChangedError, match=r"h11_impl\.H11Protocol is gone"):
+        guarded_protocol(Settings(_env_file=None, guarded_protocol=True))
 
 
 def test_in_process_header_timeouts(monkeypatch):
@@ -178,42 +195,48 @@ def test_in_process_header_timeouts(monkeypatch):
     asyncio.run(main())
 
 
-def test_in_process_body_timeouts():
+class Arrivals:
+    """A fake ASGI ``receive``: each message after its delay (seconds after the previous call);
+    ``None`` as a delay: it never arrives."""
+
+    def __init__(self, *timed: tuple[float | None, dict]) -> None:
+        self.timed = list(timed)
+
+    async def __call__(self) -> dict:
+        delay, message = self.timed.pop(0)
+        if delay is None:
+            await asyncio.Event().wait()
+        await asyncio.sleep(delay)
+        return message
+
+
+def _chunk(body: bytes, more: bool = True) -> dict:
+    return {"type": "http.request", "body": body, "more_body": more}
+
+
+def test_body_timeout_at_the_asgi_level():
     async def main():
-        async with Served() as srv:
-            # a body that stalls: the app's receive() gets http.disconnect, the client a 408
-            r, w = await srv.connect()
-            w.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
-            data, _ = await until_closed(r)
-            assert_408(data, "body")
-            assert srv.app.events[-1] == {"type": "http.disconnect"}
-            w.close()
+        # a body that stalls: BodyTimeoutError (408, Connection: close) after the timeout
+        receive = receive_within(Arrivals((0.0, _chunk(b"abc")), (None, _chunk(b"never"))), 0.3)
+        assert (await receive())["body"] == b"abc"
+        t0 = time.monotonic()
+        with pytest.raises(BodyTimeoutError) as caught:
+            await receive()
+        assert 0.25 < time.monotonic() - t0 < 0.3 + SLACK_S
+        exc = caught.value
+        assert (exc.status, exc.type, exc.headers) == (408, "request_timeout", {"Connection": "close"})
+        assert exc.message == "the request body stalled: no bytes received for 0.3 s"
 
-            # a body trickled slower in total than the timeout, each chunk within it: answered
-            r, w = await srv.connect()
-            w.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\n\r\n")
-            for byte in b"abcdef":
-                await asyncio.sleep(0.12)
-                w.write(bytes([byte]))
-            assert (await read_one(r))[::2] == (200, b"6")
-            w.close()
+        # a body trickled slower in total than the timeout, each chunk within it: all of it arrives
+        chunks = [(0.12, _chunk(bytes([b]), more=i < 5)) for i, b in enumerate(b"abcdef")]
+        receive = receive_within(Arrivals(*chunks), 0.3)
+        got = [await receive() for _ in range(6)]
+        assert b"".join(m["body"] for m in got) == b"abcdef" and not got[-1]["more_body"]
 
-            # Expect: 100-continue: no clock while the client waits for the app to ask for the body
-            r, w = await srv.connect()
-            w.write(b"POST /late HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n")
-            interim = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 5)
-            assert interim.startswith(b"HTTP/1.1 100 ")
-            w.write(b"abcd")
-            assert (await read_one(r))[::2] == (200, b"4")
-            w.close()
-
-            # answered without reading the body, then the body stalls: closed, nothing more sent
-            r, w = await srv.connect()
-            w.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nab")
-            assert (await read_one(r))[::2] == (200, b"ok")
-            data, _ = await until_closed(r)
-            assert data == b""
-            w.close()
+        # after the last body message: waiting for http.disconnect has no deadline
+        receive = receive_within(Arrivals((0.0, _chunk(b"x", more=False)), (0.5, {"type": "http.disconnect"})), 0.3)
+        assert (await receive())["body"] == b"x"
+        assert await receive() == {"type": "http.disconnect"}
 
     asyncio.run(main())
 
@@ -225,7 +248,7 @@ HEADER_S = 1.0
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    env = {"GGA_HEADER_TIMEOUT_S": str(HEADER_S), "GGA_BODY_TIMEOUT_S": "1",
+    env = {"GGA_GUARDED_PROTOCOL": "true", "GGA_HEADER_TIMEOUT_S": str(HEADER_S), "GGA_BODY_TIMEOUT_S": "1",
            "GGA_ARTIFACT_DIR": str(tmp_path_factory.mktemp("slow") / "a"), "GGA_LOG_LEVEL": "warning",
            "GGA_STRATEGY": "device"}
     proc, base = start_server(env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

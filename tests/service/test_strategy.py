@@ -5,14 +5,13 @@ from __future__ import annotations
 import logging
 
 import pytest
-from pydantic import ValidationError
 
 from detectors.autotune import MEASURED, PROCESS_CACHE, StrategyTable
 from detectors.persist import load_detector
 from detectors.presets import build_detector
 from service import app as app_module
 from service.app import strategy_batch_sizes
-from service.settings import DEFAULT_MODEL_DIR
+from service.settings import DEFAULT_MODEL_DIR, SettingsError
 from tests.support.service import Running, make_settings, run
 
 
@@ -25,7 +24,7 @@ def test_batch_sizes_measured():
 
 
 def test_unknown_strategy_is_refused(tmp_path):
-    with pytest.raises(ValidationError, match="strategy"):
+    with pytest.raises(SettingsError, match="GGA_STRATEGY='fastest': Input should be 'auto', 'device'"):
         make_settings(tmp_path, strategy="fastest")
 
 
