@@ -48,5 +48,5 @@ def summary(correct: torch.Tensor, flagged_clean: torch.Tensor, broken: dict[str
         rows["best_of_all"] = {"broken": int((correct & best).sum()),
                                "robust_detection": robust_detection(correct, best)}
     return {"n": len(correct), "n_correct": int(correct.sum()),
-            "clean_flag_rate": float(torch.as_tensor(flagged_clean, dtype=torch.bool).float().mean()),
+            "clean_flag_rate": float(torch.as_tensor(flagged_clean, dtype=torch.bool).double().mean()),
             "attacks": rows}

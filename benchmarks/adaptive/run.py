@@ -165,15 +165,20 @@ def main(argv: list[str] | None = None) -> dict:
     xc, yc = x[correct], y[correct]
 
     own = None
-    if "transfer" in args.attacks:
-        xs, ys = sp["x"][transfer_idx], sp["y"][transfer_idx]
-        half = args.transfer_fit
-        t0 = time.time()
-        own = transfer.fit_own(model, torch.from_numpy(xs[:half]), torch.from_numpy(ys[:half]),
-                               torch.from_numpy(xs[half:]), torch.from_numpy(ys[half:]),
-                               preset=det.preset or "composite", num_classes=len(card["class_names"]),
-                               layers=det.config.layers, seed=args.transfer_seed)
-        log(f"transfer attacker's detector fitted on {half} + {len(xs) - half} images in {time.time() - t0:.0f}s")
+
+    def own_detector():
+        """The transfer attacker's detector, fitted when first needed."""
+        nonlocal own
+        if own is None:
+            xs, ys = sp["x"][transfer_idx], sp["y"][transfer_idx]
+            half = args.transfer_fit
+            t0 = time.time()
+            own = transfer.fit_own(model, torch.from_numpy(xs[:half]), torch.from_numpy(ys[:half]),
+                                   torch.from_numpy(xs[half:]), torch.from_numpy(ys[half:]),
+                                   preset=det.preset or "composite", num_classes=len(card["class_names"]),
+                                   layers=det.config.layers, seed=args.transfer_seed)
+            log(f"transfer attacker's detector fitted on {half} + {len(xs) - half} images in {time.time() - t0:.0f}s")
+        return own
 
     results = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                             if k not in ("budgets", "per_attack")},
@@ -201,17 +206,18 @@ def main(argv: list[str] | None = None) -> dict:
             elif name == "multitarget":
                 tr = multitarget.attack(ctx, xc, yc)
             else:
-                tr = transfer.attack(ctx, xc, yc, own_detector=own)
+                tr = transfer.attack(ctx, xc, yc, own_detector=own_detector())
             found = tr.found & budget.inside(tr.x_point, xc)
             broken_c[name] = found
             seconds[name] = round(time.time() - t0, 1)
             judged[name] = judge.calls
             log(f"{budget.norm}:{budget.eps} {name}: {int(found.sum())}/{len(xc)} broken in {seconds[name]:.0f}s")
-        broken = {k: _expand(v, correct) for k, v in broken_c.items()}
-        key = f"{budget.norm}:{budget.eps}"
-        results["runs"][key] = {**summary(correct, clean.flagged, broken), "seconds": seconds,
-                                "inputs_judged": judged,
-                                "broken_index": {k: torch.nonzero(v)[:, 0].tolist() for k, v in broken.items()}}
+            broken = {k: _expand(v, correct) for k, v in broken_c.items()}
+            key = f"{budget.norm}:{budget.eps}"
+            results["runs"][key] = {**summary(correct, clean.flagged, broken), "seconds": seconds,
+                                    "inputs_judged": judged,
+                                    "broken_index": {k: torch.nonzero(v)[:, 0].tolist() for k, v in broken.items()}}
+            _write(args.out, results)  # after every attack: a run cut short keeps what it measured
         if args.sanity_n > 0 and "sanity" not in results:  # after the first budget, before the others
             results["sanity"] = sanity_checks(sur, xc[: args.sanity_n], yc[: args.sanity_n], budget,
                                               args.sanity_steps, args.judge_every, log)

@@ -18,8 +18,10 @@ The served statistic (:mod:`detectors.composite`) for an input x with logits z:
 4. trust = (1 + #{calibration scores ≥ S}) / (n + 1); flagged when trust < alpha, i.e. S > threshold.
 
 Here step 2's counts are smoothed: #{r_i ≥ s} becomes Σ_i σ((r_i − s)/T_k) and
-#{r_i ≤ s} becomes Σ_i σ((s − r_i)/T_k), with T_k = ``temperature`` × the component's
-reference IQR/1.349 (the detector's ``scale``); the exponential tails are already smooth.
+#{r_i ≤ s} becomes Σ_i σ((s − r_i)/T_k) (plus half the number of exact ties r_i = s, which the
+sigmoid counts as 1/2 and the served counts as 1: the limit T → 0 is then the served value),
+with T_k = ``temperature`` × the component's reference IQR/1.349 (the detector's ``scale``); the
+exponential tails are already smooth.
 ``temperature=0`` uses the exact counts (the served value, no gradient through the counts).
 Everything else is the served arithmetic, in float64.
 
@@ -96,7 +98,6 @@ class Surrogate:
         self.weights = detector.weights
         ref = detector.reference
         self.ref = ref.sorted  # [m, K]
-        self._ref32 = self.ref.float()
         self.beta_up, self.beta_down, self.two_sided = ref.beta_up, ref.beta_down, ref.two_sided
         self.spread = detector.scale  # [K] reference IQR / 1.349
         self.combine, self.truncation = cfg.combine, cfg.truncation
@@ -199,11 +200,15 @@ class Surrogate:
             n_up = (m - torch.searchsorted(ref_t, s_t, right=False).T).double()  # #{r >= s}
             n_down = torch.searchsorted(ref_t, s_t, right=True).T.double()  # #{r <= s}
         else:
-            # float32 inside the sum (a gradient's direction, not the served value); σ(−d) = 1 − σ(d)
-            tk = (t * self.spread).float()[None, :, None]  # [1, K, 1]
-            diff = (self._ref32.T[None, :, :] - comp.float()[:, :, None]) / tk  # [B, K, m]
-            n_up = torch.sigmoid(diff).sum(dim=2).double()
-            n_down = m - n_up
+            # float32 inside the sigmoid (cheaper, and the sums of 0s and 1s stay exact); a tie r_i = s
+            # gets σ(0) = 1/2 from each side and the served count takes it on both: add the other half
+            ref_t, s_t = ref.T.contiguous(), comp.detach().T.contiguous()
+            ties = (torch.searchsorted(ref_t, s_t, right=True) - torch.searchsorted(ref_t, s_t, right=False)).T
+            tk = (t * self.spread)[None, :, None]  # [1, K, 1]
+            diff = ((ref.T[None, :, :] - comp[:, :, None]) / tk).float()  # [B, K, m]
+            up = torch.sigmoid(diff).sum(dim=2).double()
+            n_up = up + 0.5 * ties
+            n_down = (m - up) + 0.5 * ties
         hi, lo = ref[-1], ref[0]
         log_up = torch.where(comp > hi, -(comp - hi) / self.beta_up - log_norm, torch.log1p(n_up) - log_norm)
         log_down = torch.where(comp < lo, -(lo - comp) / self.beta_down - log_norm, torch.log1p(n_down) - log_norm)
