@@ -14,7 +14,8 @@ Fisher statistic, that statistic is a lower bound of the served one, so no succe
 at the judged steps; candidates are judged every ``judge_every`` steps and at the last step.
 
 Steps: L∞ x ← x − α sign(d), L2 x ← x − α d/‖d‖₂, then projection onto the ball and [0, 1];
-α = ``step_scale`` · ε / steps (2.5 ε/steps by default, Madry et al. 2018).
+α = ``step_scale`` · ε / steps (2.5 ε/steps by default, Madry et al. 2018); ``step_eps`` replaces
+ε there (the sanity checks' ε sweep keeps the base budget's step, so a larger ball only adds room).
 """
 
 from __future__ import annotations
@@ -116,6 +117,7 @@ class Context:
     kappa: float = 1.0
     delta: float = 1.0
     log: Callable[[str], None] = field(default=lambda _m: None)
+    step_eps: float | None = None  # the ε the step size is computed from (default: the budget's)
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.restarts < 1 or self.judge_every < 1:
@@ -123,7 +125,7 @@ class Context:
 
     @property
     def alpha(self) -> float:
-        return self.step_scale * self.budget.eps / self.steps
+        return self.step_scale * (self.budget.eps if self.step_eps is None else self.step_eps) / self.steps
 
 
 Direction = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, SurrogateOutput]]

@@ -77,6 +77,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--transfer-seed", type=int, default=1)
     p.add_argument("--sanity-n", type=int, default=50, help="inputs for the sanity checks (0: skip them)")
     p.add_argument("--sanity-steps", type=int, default=100)
+    p.add_argument("--sanity-only", action="store_true", help="run only the sanity checks (at the first budget) "
+                   "and add them to an existing <out>.json")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, required=True, help="output path without extension")
@@ -188,6 +190,12 @@ def main(argv: list[str] | None = None) -> dict:
                "host": {"python": sys.version.split()[0], "torch": torch.__version__, "machine": platform.machine(),
                         "threads": args.threads},
                "runs": {}}
+    if args.sanity_only:
+        previous = json.loads(Path(f"{args.out}.json").read_text())
+        previous["sanity"] = sanity_checks(sur, xc[: args.sanity_n], yc[: args.sanity_n], args.budgets[0],
+                                           args.sanity_steps, args.judge_every, log)
+        _write(args.out, previous)
+        return previous
     for budget in args.budgets:
         broken_c: dict[str, torch.Tensor] = {}
         seconds, judged = {}, {}
@@ -230,11 +238,11 @@ def main(argv: list[str] | None = None) -> dict:
 
 def sanity_checks(sur: Surrogate, x: torch.Tensor, y: torch.Tensor, budget: Budget, steps: int,
                   judge_every: int, log) -> dict:
-    """Success rates of the CW attack (one round, c = 0.1) on x: over an ε sweep, over steps, unbounded,
-    and without the detector term (c = 0; judged then by misclassification alone and by the detector)."""
+    """Success rates of the CW attack (one round, c = 0.1, the step size of ``budget``) on x: over an
+    ε sweep, over steps, unbounded, and without the detector term (c = 0: the classifier alone)."""
     def rate(b: Budget, n_steps: int, c0: float = 0.1) -> dict:
         judge = Judge(sur)
-        ctx = Context(sur, judge, b, steps=n_steps, restarts=1, judge_every=judge_every)
+        ctx = Context(sur, judge, b, steps=n_steps, restarts=1, judge_every=judge_every, step_eps=budget.eps)
         tr = cw.attack(ctx, x, y, c0=c0, search=False)
         found = tr.found & b.inside(tr.x_point, x)
         with torch.no_grad():
