@@ -1,0 +1,3 @@
+from benchmarks.adaptive.run import main
+
+main()

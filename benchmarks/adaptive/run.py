@@ -1,0 +1,314 @@
+"""Run the adaptive attack suite against a saved composite detector and write its table.
+
+    python -m benchmarks.adaptive --detector service/default_model/detector \\
+        --model service/default_model --data mnist --split test --n 200 --steps 500 --restarts 5 \\
+        --attacks cw,orthogonal,feature_match,multitarget,transfer \\
+        --out benchmarks/results/adaptive_mnist_default
+
+writes ``<out>.json`` (every setting, per-attack outcomes, sanity checks) and ``<out>.md``.
+
+Splits (MNIST): ``test`` is t10k; ``val`` is MNIST train images the served detector was not
+fitted or calibrated on. The bundled detector (``detectors/zoo/fit_default.py``) used a seeded
+subset of the model's training part (the model card's seeded 90% of train) and the first
+``n_calibration`` images of the 10% validation part, which leaves the rest of the training
+part (the model trained on those images: it is more confident on them than on fresh ones).
+``--n`` inputs are drawn (seeded) from the split; the next ``--pool`` images are the feature
+matching guides; the transfer attacker's own detector is fitted on other training-part images.
+
+Robust detection (:mod:`benchmarks.adaptive.metrics`) per attack and for the best of all,
+at every budget in ``--budgets``. Sanity checks (Carlini et al. 2019, "On Evaluating
+Adversarial Robustness"), with the CW attack on the first ``--sanity-n`` correctly classified
+inputs at the first budget (run right after it): success rate over an ε sweep (must rise to
+100%), at steps/4, steps/2 and steps (must not fall), unbounded (ε = 1 in L∞ covers the whole
+image box: must reach 100%), and without the detector term (c = 0: the classifier's own robust accuracy, expected ≈ 0%).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from benchmarks.adaptive import cw, feature_match, multitarget, orthogonal, transfer
+from benchmarks.adaptive.common import Budget, Context, Judge
+from benchmarks.adaptive.metrics import summary
+from benchmarks.adaptive.surrogate import GGA_MODES, Surrogate
+from detectors.composite import CompositeDetector
+from detectors.datasets import load_idx_split
+
+ATTACKS = ("cw", "orthogonal", "feature_match", "multitarget", "transfer")
+DEFAULT_BUDGETS = {"mnist": ("linf:0.3", "l2:2.0")}
+
+
+def parse_budget(text: str) -> Budget:
+    try:
+        norm, eps = text.split(":")
+        return Budget(norm, float(eps))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"a budget is NORM:EPS with NORM linf or l2, e.g. linf:0.3; got {text!r}"
+                                         f" ({exc})") from exc
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--detector", type=Path, required=True, help="a saved composite detector folder")
+    p.add_argument("--model", type=Path, required=True, help="model folder (model.safetensors + model_card.json)")
+    p.add_argument("--data", choices=("mnist",), default="mnist")
+    p.add_argument("--data-dir", type=Path, default=Path("/work/shared/data/mnist"))
+    p.add_argument("--split", choices=("val", "test"), default="val")
+    p.add_argument("--n", type=int, default=200)
+    p.add_argument("--pool", type=int, default=500, help="feature-matching guide images")
+    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--restarts", type=int, default=5)
+    p.add_argument("--attacks", default=",".join(ATTACKS))
+    p.add_argument("--budgets", nargs="+", type=parse_budget, default=None)
+    p.add_argument("--steps-for", default="", help="per-attack steps/restarts, e.g. multitarget=100x1,cw=200x3")
+    p.add_argument("--temperature", type=float, default=0.05)
+    p.add_argument("--gga", choices=GGA_MODES, default="omit")
+    p.add_argument("--judge-every", type=int, default=5)
+    p.add_argument("--transfer-fit", type=int, default=5000, help="images the transfer attacker fits on")
+    p.add_argument("--transfer-seed", type=int, default=1)
+    p.add_argument("--sanity-n", type=int, default=50, help="inputs for the sanity checks (0: skip them)")
+    p.add_argument("--sanity-steps", type=int, default=100)
+    p.add_argument("--sanity-only", action="store_true", help="run only the sanity checks (at the first budget) "
+                   "and add them to an existing <out>.json")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path, required=True, help="output path without extension")
+    args = p.parse_args(argv)
+    args.attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
+    bad = [a for a in args.attacks if a not in ATTACKS]
+    if bad or not args.attacks:
+        p.error(f"--attacks takes a comma-separated list of {ATTACKS}, got {bad or args.attacks}")
+    args.budgets = args.budgets or [parse_budget(b) for b in DEFAULT_BUDGETS[args.data]]
+    args.per_attack = {}
+    for item in filter(None, args.steps_for.split(",")):
+        try:
+            name, spec = item.split("=")
+            s, r = spec.split("x")
+            args.per_attack[name] = (int(s), int(r))
+        except ValueError:
+            p.error(f"--steps-for takes NAME=STEPSxRESTARTS items, got {item!r}")
+    if args.n < 1 or args.steps < 1 or args.restarts < 1:
+        p.error("--n, --steps and --restarts must be >= 1")
+    return args
+
+
+def load_model(model_dir: Path) -> tuple[torch.nn.Module, dict]:
+    card = json.loads((model_dir / "model_card.json").read_text())
+    if card.get("architecture") != "mnist_cnn":
+        raise ValueError(f"{model_dir}: only the mnist_cnn architecture is wired in, got {card.get('architecture')!r}")
+    from detectors.zoo.mnist_cnn import MnistCNN
+
+    model = MnistCNN(len(card["class_names"]))
+    model.load_state_dict(load_file(str(model_dir / "model.safetensors")))
+    model.eval()
+    for prm in model.parameters():
+        prm.requires_grad_(False)
+    return model, card
+
+
+def mnist_splits(data_dir: Path, card: dict, meta_fit: dict, det_seed: int) -> dict[str, np.ndarray]:
+    """Index sets into MNIST train: ``unused`` (the model's training part minus the detector's fit
+    subset) and the label arrays; the recipe of ``detectors/zoo/fit_default.py``."""
+    x_all, y_all = load_idx_split(data_dir, "train")
+    perm = np.random.default_rng(card["seed"]).permutation(len(x_all))
+    n_val = len(x_all) // 10
+    val_idx, train_idx = perm[:n_val], perm[n_val:]
+    n_fit = meta_fit["n_samples"] - meta_fit["n_calibration"]
+    pick = np.random.default_rng(det_seed).permutation(train_idx)[:n_fit]
+    unused = np.setdiff1d(train_idx, pick)
+    return {"x": x_all, "y": y_all, "unused": unused, "val_cal_rest": val_idx[meta_fit["n_calibration"]:]}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t_start = time.time()
+
+    def log(msg: str) -> None:
+        print(f"[{time.time() - t_start:7.0f}s] {msg}", flush=True)
+
+    model, card = load_model(args.model)
+    det = CompositeDetector.load(args.detector, model)
+    meta = json.loads((args.detector / "detector.json").read_text())
+    rng = np.random.default_rng(args.seed)
+    sp = mnist_splits(args.data_dir, card, meta["fit"], meta["config"]["seed"])
+    unused = rng.permutation(sp["unused"])
+    if args.split == "test":
+        xt, yt = load_idx_split(args.data_dir, "t10k")
+        order = rng.permutation(len(xt))
+        x_src, y_src, take = xt, yt, order
+        transfer_idx = unused[: 2 * args.transfer_fit]
+    else:
+        x_src, y_src = sp["x"], sp["y"]
+        take = unused[: args.n + args.pool]
+        transfer_idx = unused[args.n + args.pool: args.n + args.pool + 2 * args.transfer_fit]
+    x = torch.from_numpy(x_src[take[: args.n]])
+    y = torch.from_numpy(y_src[take[: args.n]])
+    pool_x = torch.from_numpy(x_src[take[args.n: args.n + args.pool]])
+    pool_y = torch.from_numpy(y_src[take[args.n: args.n + args.pool]])
+
+    sur = Surrogate(det, temperature=args.temperature, gga=args.gga)
+    clean = det.score(x, batch_size=256)
+    correct = clean.label == y
+    pool_clean = det.score(pool_x, batch_size=256)
+    keep = (pool_clean.label == pool_y) & ~pool_clean.flagged
+    pool_x, pool_y = pool_x[keep], pool_y[keep]
+    log(f"{args.split}: {len(x)} inputs, {int(correct.sum())} correct, {int(clean.flagged.sum())} flagged clean; "
+        f"{len(pool_x)} guides")
+    xc, yc = x[correct], y[correct]
+
+    own = None
+
+    def own_detector():
+        """The transfer attacker's detector, fitted when first needed."""
+        nonlocal own
+        if own is None:
+            xs, ys = sp["x"][transfer_idx], sp["y"][transfer_idx]
+            half = args.transfer_fit
+            t0 = time.time()
+            own = transfer.fit_own(model, torch.from_numpy(xs[:half]), torch.from_numpy(ys[:half]),
+                                   torch.from_numpy(xs[half:]), torch.from_numpy(ys[half:]),
+                                   preset=det.preset or "composite", num_classes=len(card["class_names"]),
+                                   layers=det.config.layers, seed=args.transfer_seed)
+            log(f"transfer attacker's detector fitted on {half} + {len(xs) - half} images in {time.time() - t0:.0f}s")
+        return own
+
+    results = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                            if k not in ("budgets", "per_attack")},
+               "budgets": [f"{b.norm}:{b.eps}" for b in args.budgets], "per_attack": args.per_attack,
+               "detector": {"path": str(args.detector), "preset": det.preset, "components": det.component_names,
+                            "threshold": det.threshold, "alpha": det.alpha},
+               "host": {"python": sys.version.split()[0], "torch": torch.__version__, "machine": platform.machine(),
+                        "threads": args.threads},
+               "runs": {}}
+    if args.sanity_only:
+        previous = json.loads(Path(f"{args.out}.json").read_text())
+        previous["sanity"] = sanity_checks(sur, xc[: args.sanity_n], yc[: args.sanity_n], args.budgets[0],
+                                           args.sanity_steps, args.judge_every, log)
+        _write(args.out, previous)
+        return previous
+    for budget in args.budgets:
+        broken_c: dict[str, torch.Tensor] = {}
+        seconds, judged = {}, {}
+        for name in args.attacks:
+            steps, restarts = args.per_attack.get(name, (args.steps, args.restarts))
+            judge = Judge(sur)
+            ctx = Context(sur, judge, budget, steps=steps, restarts=restarts, judge_every=args.judge_every,
+                          log=lambda m, b=budget: log(f"{b.norm}:{b.eps} {m}"))
+            t0 = time.time()
+            if name == "cw":
+                tr = cw.attack(ctx, xc, yc)
+            elif name == "orthogonal":
+                tr = orthogonal.attack(ctx, xc, yc)
+            elif name == "feature_match":
+                tr = feature_match.attack(ctx, xc, yc, pool_x=pool_x, pool_y=pool_y)
+            elif name == "multitarget":
+                tr = multitarget.attack(ctx, xc, yc)
+            else:
+                tr = transfer.attack(ctx, xc, yc, own_detector=own_detector())
+            found = tr.found & budget.inside(tr.x_point, xc)
+            broken_c[name] = found
+            seconds[name] = round(time.time() - t0, 1)
+            judged[name] = judge.calls
+            log(f"{budget.norm}:{budget.eps} {name}: {int(found.sum())}/{len(xc)} broken in {seconds[name]:.0f}s")
+            broken = {k: _expand(v, correct) for k, v in broken_c.items()}
+            key = f"{budget.norm}:{budget.eps}"
+            results["runs"][key] = {**summary(correct, clean.flagged, broken), "seconds": seconds,
+                                    "inputs_judged": judged,
+                                    "broken_index": {k: torch.nonzero(v)[:, 0].tolist() for k, v in broken.items()}}
+            _write(args.out, results)  # after every attack: a run cut short keeps what it measured
+        if args.sanity_n > 0 and "sanity" not in results:  # after the first budget, before the others
+            results["sanity"] = sanity_checks(sur, xc[: args.sanity_n], yc[: args.sanity_n], budget,
+                                              args.sanity_steps, args.judge_every, log)
+        _write(args.out, results)
+    results["seconds"] = round(time.time() - t_start, 1)
+    _write(args.out, results)
+    log(f"wrote {args.out}.json and {args.out}.md")
+    return results
+
+
+def sanity_checks(sur: Surrogate, x: torch.Tensor, y: torch.Tensor, budget: Budget, steps: int,
+                  judge_every: int, log) -> dict:
+    """Success rates of the CW attack (one round, c = 0.1, the step size of ``budget``) on x: over an
+    ε sweep, over steps, unbounded, and without the detector term (c = 0: the classifier alone)."""
+    def rate(b: Budget, n_steps: int, c0: float = 0.1) -> dict:
+        judge = Judge(sur)
+        ctx = Context(sur, judge, b, steps=n_steps, restarts=1, judge_every=judge_every, step_eps=budget.eps)
+        tr = cw.attack(ctx, x, y, c0=c0, search=False)
+        found = tr.found & b.inside(tr.x_point, x)
+        with torch.no_grad():
+            fooled = sur.model(tr.x_point).argmax(dim=1) != y
+        return {"success": float(found.float().mean()), "misclassified": float(fooled.float().mean())}
+
+    out: dict = {"n": len(x), "budget": f"{budget.norm}:{budget.eps}", "steps": steps}
+    scales = (0.25, 0.5, 1.0, 1.5, 2.0)
+    cap = 1.0 if budget.norm == "linf" else 28.0
+    sweep = [round(min(budget.eps * s, cap), 4) for s in scales]
+    out["eps_sweep"] = {str(eps): rate(Budget(budget.norm, eps), steps) for eps in sweep}
+    log(f"sanity eps sweep {out['eps_sweep']}")
+    out["steps_sweep"] = {str(max(1, steps // d)): rate(budget, max(1, steps // d)) for d in (4, 2, 1)}
+    log(f"sanity steps sweep {out['steps_sweep']}")
+    out["unbounded"] = rate(Budget(budget.norm, cap), steps)
+    log(f"sanity unbounded {out['unbounded']}")
+    # without the detector term: the classifier's robust accuracy is 1 - misclassified
+    no_det = rate(budget, steps, c0=0.0)
+    out["no_detector_term"] = {**no_det, "classifier_robust_accuracy": 1.0 - no_det["misclassified"]}
+    log(f"sanity no detector term {out['no_detector_term']}")
+    return out
+
+
+def _expand(v: torch.Tensor, correct: torch.Tensor) -> torch.Tensor:
+    full = torch.zeros(len(correct), dtype=torch.bool)
+    full[correct] = v
+    return full
+
+
+def _write(out: Path, results: dict) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{out}.json").write_text(json.dumps(results, indent=2) + "\n")
+    Path(f"{out}.md").write_text(markdown(results))
+
+
+def markdown(results: dict) -> str:
+    s = results["settings"]
+    lines = [f"# Adaptive (white-box) attacks: {results['detector']['path']}", "",
+             f"Split `{s['split']}`, n = {s['n']}, steps × restarts = {s['steps']} × {s['restarts']}"
+             + (f" (per attack: {results['per_attack']})" if results["per_attack"] else "")
+             + f", smoothing temperature {s['temperature']}, GGA in the surrogate: `{s['gga']}`, "
+             f"threshold {results['detector']['threshold']:.4f} (alpha {results['detector']['alpha']}).", "",
+             "Robust detection = 1 − (correctly classified inputs for which the attack found a point inside the "
+             "ball that is misclassified and not flagged) / (correctly classified inputs).", ""]
+    for key, run in results["runs"].items():
+        lines += [f"## Budget {key}", "",
+                  f"{run['n']} inputs, {run['n_correct']} classified correctly, clean flag rate "
+                  f"{100 * run['clean_flag_rate']:.1f}%.", "",
+                  "| attack | broken | robust detection | seconds | inputs judged |", "|---|---|---|---|---|"]
+        for name, row in run["attacks"].items():
+            lines.append(f"| {name} | {row['broken']} | {100 * row['robust_detection']:.1f}% | "
+                         f"{run['seconds'].get(name, '')} | {run['inputs_judged'].get(name, '')} |")
+        lines.append("")
+    if "sanity" in results:
+        san = results["sanity"]
+        lines += [f"## Sanity checks (CW, one round, c = 0.1, {san['n']} inputs, {san['budget']}, "
+                  f"{san['steps']} steps)",
+                  "", "| check | setting | success (misclassified, unflagged) | misclassified |", "|---|---|---|---|"]
+        for eps, r in san["eps_sweep"].items():
+            lines.append(f"| ε sweep | ε = {eps} | {100 * r['success']:.0f}% | {100 * r['misclassified']:.0f}% |")
+        for st, r in san["steps_sweep"].items():
+            lines.append(f"| steps | {st} | {100 * r['success']:.0f}% | {100 * r['misclassified']:.0f}% |")
+        r = san["unbounded"]
+        lines.append(f"| unbounded | whole box | {100 * r['success']:.0f}% | {100 * r['misclassified']:.0f}% |")
+        r = san["no_detector_term"]
+        lines.append(f"| no detector term | c = 0 | {100 * r['success']:.0f}% | {100 * r['misclassified']:.0f}% "
+                     f"(classifier robust accuracy {100 * r['classifier_robust_accuracy']:.0f}%) |")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,176 @@
+"""The adaptive attack suite on a tiny model and a tiny composite fitted here."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from benchmarks.adaptive import cw, feature_match, multitarget, orthogonal, transfer
+from benchmarks.adaptive.common import Budget, Context, Judge
+from benchmarks.adaptive.metrics import robust_detection, summary, union
+from benchmarks.adaptive.surrogate import Surrogate
+from detectors.composite import CompositeDetector
+
+LAYERS = ["0", "2"]
+EPS = (0.05, 0.15, 0.4)
+
+
+def _model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 5)).eval()
+    with torch.no_grad():  # inputs live in [0, 1]^8: centre the first layer on 0.5 and sharpen it
+        model[0].weight.mul_(4.0)
+        model[0].bias.copy_(-0.5 * model[0].weight.sum(dim=1))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _data(model, n, seed):
+    x = torch.rand(n, 8, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    return x, y
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = _model()
+    x, y = _data(model, 1500, 1)
+    xc, yc = _data(model, 500, 2)
+    det = CompositeDetector(model, top_n=4, layers=LAYERS).fit(x, y, calibration=(xc, yc))
+    xa, ya = _data(model, 16, 3)
+    return model, det, xa, ya
+
+
+def test_surrogate_matches_the_served_statistic_as_the_temperature_goes_to_zero(setup):
+    _, det, x, _ = setup
+    served = det.score(x)
+    for gga in ("exact", "bpda"):
+        sur = Surrogate(det, gga=gga)
+        for t in (0.0, 1e-9):
+            xr = x.clone().requires_grad_(gga == "bpda")
+            with torch.enable_grad():
+                out = sur(xr, temperature=t)
+            assert (out.statistic.detach() - served.score).abs().max().item() <= 1e-6, (gga, t)
+            assert torch.equal(sur.trust(out.statistic), served.trust)
+            assert torch.equal(out.hard_statistic, served.score)
+    # a coarser smoothing moves the statistic: the comparison above is not vacuous
+    assert (Surrogate(det, gga="exact")(x, temperature=0.5).statistic - served.score).abs().max().item() > 1e-3
+
+
+def test_without_gga_the_surrogate_is_a_lower_bound_and_targeting_the_winner_changes_nothing(setup):
+    _, det, x, y = setup
+    sur = Surrogate(det, gga="omit")
+    out = sur(x, temperature=0.0)
+    served = det.score(x).score
+    assert bool((out.hard_statistic <= served + 1e-12).all())
+    assert bool((out.hard_statistic < served - 1e-6).any())  # GGA adds something somewhere
+    same = sur(x, temperature=0.0, target=det.score(x).label)
+    torch.testing.assert_close(same.statistic, out.statistic, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("gga", ["omit", "bpda"])
+@pytest.mark.parametrize("sign", ["tanh", "identity"])
+def test_surrogate_gradient_is_finite_and_not_zero(setup, gga, sign):
+    _, det, x, y = setup
+    sur = Surrogate(det, gga=gga, sign=sign, temperature=0.05)
+    xr = (x + 0.3).clamp(0, 1).requires_grad_(True)  # off the data: most components count
+    with torch.enable_grad():
+        out = sur(xr, exclude=y)
+        (g,) = torch.autograd.grad(out.statistic.sum(), xr)
+    assert bool(torch.isfinite(g).all())
+    assert g.abs().sum().item() > 0
+
+
+def test_bpda_gradient_reaches_the_gga_component(setup):
+    _, det, x, _ = setup
+    xr = x.clone().requires_grad_(True)
+    with torch.enable_grad():
+        comp = Surrogate(det, gga="bpda").components(xr)[2]
+        (g,) = torch.autograd.grad(comp[:, 0].sum(), xr)
+    assert torch.isfinite(g).all() and g.abs().sum().item() > 0
+
+
+def _context(det, eps, norm="linf", steps=20, restarts=1):
+    sur = Surrogate(det)
+    return Context(sur, Judge(sur), Budget(norm, eps), steps=steps, restarts=restarts, judge_every=1)
+
+
+def _counts(run, det, x, y, norm="linf", eps=EPS):
+    out = []
+    for e in eps:
+        ctx = _context(det, e, norm)
+        tr = run(ctx, x, y)
+        assert bool(ctx.budget.inside(tr.x_point, x).all())
+        ok = tr.found
+        if ok.any():  # every counted point is misclassified and unflagged by the served detector
+            res = det.score(tr.x_point[ok])
+            assert bool((res.label != y[ok]).all()) and not bool(res.flagged.any())
+        out.append(int(ok.sum()))
+    return out
+
+
+def test_cw_success_rises_with_the_budget(setup):
+    _, det, x, y = setup
+    assert _counts(cw.attack, det, x, y) == [3, 10, 14]
+    assert _counts(cw.attack, det, x, y, "l2", (0.1, 0.3, 1.0)) == [3, 8, 14]
+
+
+def test_orthogonal_success_rises_with_the_budget(setup):
+    _, det, x, y = setup
+    assert _counts(orthogonal.attack, det, x, y) == [3, 3, 10]
+
+
+def test_multitarget_success_rises_with_the_budget(setup):
+    _, det, x, y = setup
+    assert _counts(multitarget.attack, det, x, y) == [3, 10, 15]
+
+
+def test_feature_match_success_rises_with_the_budget(setup):
+    model, det, x, y = setup
+    px, py = _data(model, 200, 5)
+    res = det.score(px)
+    keep = ~res.flagged
+    run = lambda ctx, xa, ya: feature_match.attack(ctx, xa, ya, pool_x=px[keep], pool_y=py[keep])  # noqa: E731
+    assert _counts(run, det, x, y) == [2, 8, 13]
+
+
+def test_transfer_success_rises_with_the_budget(setup):
+    model, det, x, y = setup
+    xf, yf = _data(model, 600, 6)
+    xc, yc = _data(model, 300, 7)
+    own = transfer.fit_own(model, xf, yf, xc, yc, preset="composite", num_classes=5, layers=LAYERS, seed=1)
+    run = lambda ctx, xa, ya: transfer.attack(ctx, xa, ya, own_detector=own)  # noqa: E731
+    assert _counts(run, det, x, y) == [3, 10, 14]
+
+
+def test_budget_projection():
+    b = Budget("l2", 1.0)
+    x = torch.full((2, 4), 0.5)
+    out = b.project(x + torch.tensor([[3.0, 4.0, 0.0, 0.0], [0.1, 0.0, 0.0, 0.0]]) / 10, x)
+    torch.testing.assert_close(out, torch.tensor([[0.8, 0.9, 0.5, 0.5], [0.51, 0.5, 0.5, 0.5]]))
+    linf = Budget("linf", 0.1)
+    torch.testing.assert_close(linf.project(torch.tensor([[0.9, 0.0]]), torch.tensor([[0.5, 0.05]])),
+                               torch.tensor([[0.6, 0.0]]))
+    assert linf.inside(torch.tensor([[0.6, 0.0]]), torch.tensor([[0.5, 0.05]])).tolist() == [True]
+    assert linf.inside(torch.tensor([[0.7, 0.0]]), torch.tensor([[0.5, 0.05]])).tolist() == [False]
+    with pytest.raises(ValueError, match="norm must be one of"):
+        Budget("l1", 1.0)
+
+
+def test_robust_detection_arithmetic():
+    correct = torch.tensor([True, True, True, True, False])
+    a = torch.tensor([True, False, False, False, True])  # the misclassified input does not count
+    b = torch.tensor([False, True, False, False, False])
+    assert robust_detection(correct, a) == 0.75
+    assert robust_detection(correct, b) == 0.75
+    assert union({"a": a, "b": b}).tolist() == [True, True, False, False, True]
+    s = summary(correct, torch.tensor([False, True, False, False, False]), {"a": a, "b": b})
+    assert s["attacks"]["best_of_all"] == {"broken": 2, "robust_detection": 0.5}
+    assert s["attacks"]["a"]["broken"] == 1
+    assert (s["n"], s["n_correct"], s["clean_flag_rate"]) == (5, 4, 0.2)
+    with pytest.raises(ValueError, match="no input is classified correctly"):
+        robust_detection(torch.zeros(3, dtype=torch.bool), torch.ones(3, dtype=torch.bool))
+    assert math.isclose(robust_detection(correct, torch.zeros(5, dtype=torch.bool)), 1.0)
