@@ -127,7 +127,7 @@ def test_default_dispatches_a_lone_request_without_waiting() -> None:
 def test_service_default_delay_is_zero() -> None:
     from service.settings import Settings
 
-    assert Settings.model_fields["max_delay_ms"].default == 0
+    assert Settings(_env_file=None).batching.max_delay_ms == 0
 
 
 def test_requests_queued_while_the_worker_is_busy_form_the_next_batches_in_fifo_order() -> None:
