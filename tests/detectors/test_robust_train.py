@@ -23,6 +23,16 @@ from detectors.zoo.robust_train import (
 CFG = TrainConfig(epochs=2, eps=0.3, pgd_steps=2, ramp_epochs=1.0, lr=1e-2, batch_size=8, seed=3, val_attack_n=8)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One thread: the resumed run must repeat the uninterrupted one bit for bit, and tiny tensors
+    gain nothing from more."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_model(seed: int) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Conv2d(1, 2, 4, stride=4), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 7 * 7, 10))
@@ -36,7 +46,6 @@ def tiny_data():
 
 
 def run(tmp, **kw):
-    torch.set_num_threads(1)
     model = tiny_model(kw.pop("init_seed", 0))
     progress = train(model, *tiny_data(), kw.pop("cfg", CFG), tmp, log=lambda s: None, **kw)
     return model, progress
