@@ -23,6 +23,7 @@ from benchmarks.attacks import (
 )
 from detectors import cosine_similarity_maps, csm_features
 from detectors.zoo import MnistCNN, resnet20
+from tests.support.threads import one_thread  # noqa: F401 (autouse fixture)
 
 
 class TinyCNN(nn.Module):
@@ -49,13 +50,6 @@ def tiny(seed: int = 0) -> TinyCNN:
     return TinyCNN().eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tensors here are tiny: one thread avoids oversubscription on a busy CI machine (10x measured)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 PROTOTYPES = torch.rand((10, 1, 8, 8), generator=torch.Generator().manual_seed(0))

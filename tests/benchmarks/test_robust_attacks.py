@@ -23,17 +23,11 @@ from benchmarks.robust_attacks import (
     pgd_search,
     step_sizes,
 )
+from tests.support.threads import one_thread  # noqa: F401 (autouse fixture)
 
 D, C = 16, 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids oversubscription on a busy machine (about 7x measured here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def linear(seed: int) -> nn.Module:

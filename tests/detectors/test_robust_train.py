@@ -19,18 +19,11 @@ from detectors.zoo.robust_train import (
     pgd_linf,
     train,
 )
+from tests.support.threads import one_thread  # noqa: F401 (autouse fixture)
 
 CFG = TrainConfig(epochs=2, eps=0.3, pgd_steps=2, ramp_epochs=1.0, lr=1e-2, batch_size=8, seed=3, val_attack_n=8)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread: the resumed run must repeat the uninterrupted one bit for bit, and tiny tensors
-    gain nothing from more."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_model(seed: int) -> nn.Module:
