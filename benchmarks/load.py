@@ -153,6 +153,34 @@ def measure_serial(args, servers: dict[str, Server], x: np.ndarray, result: dict
                                              for lab, r in res.items()))
 
 
+def measure_v2_vs_npy(args, srv: Server, x: np.ndarray, result: dict) -> None:
+    """The Open Inference Protocol's binary requests against native ``.npy`` bodies on one server: closed loops
+    of ``--v2-clients`` clients, alternating slices (ABBA...) so that drift hits both alike; pooled rows/s, ratio."""
+    c = args.v2_clients
+    bodies = {fmt: request_bodies(x, args.rows, fmt, "127.0.0.1", srv.port) for fmt in ("npy", "v2")}
+    acc = {fmt: {"rows": 0.0, "seconds": 0.0, "per_slice": [], "p50_ms": []} for fmt in bodies}
+    for rep in range(args.v2_reps):
+        for fmt in (("npy", "v2") if rep % 2 == 0 else ("v2", "npy")):
+            r = asyncio.run(closed_loop("127.0.0.1", srv.port, bodies[fmt], c, args.warmup_s, args.closed_s,
+                                        args.rows, srv.pid))
+            if set(r["statuses"]) != {"200"}:
+                raise RuntimeError(f"{fmt} at {c} clients answered {r['statuses']}")
+            a = acc[fmt]
+            a["rows"] += r["rows_per_s"] * args.closed_s
+            a["seconds"] += args.closed_s
+            a["per_slice"].append(r["rows_per_s"])
+            a["p50_ms"].append(r["p50_ms"])
+    out = {fmt: {"rows_per_s": a["rows"] / a["seconds"], "rows_per_s_per_slice": a["per_slice"],
+                 "p50_ms_per_slice": a["p50_ms"]} for fmt, a in acc.items()}
+    out.update(clients=c, rows=args.rows, reps=args.v2_reps, slice_s=args.closed_s,
+               ratio=out["v2"]["rows_per_s"] / out["npy"]["rows_per_s"])
+    result["v2_vs_npy"] = out
+    log(f"v2 binary vs native npy, {c} clients of {args.rows} row(s), {args.v2_reps} alternations of "
+        f"{args.closed_s:g} s: {out['v2']['rows_per_s']:.1f} vs {out['npy']['rows_per_s']:.1f} rows/s = "
+        f"{out['ratio']:.3f}x (per slice v2 {', '.join(f'{v:.0f}' for v in out['v2']['rows_per_s_per_slice'])}; "
+        f"npy {', '.join(f'{v:.0f}' for v in out['npy']['rows_per_s_per_slice'])})")
+
+
 def sweep_service(label: str, args, srv: Server, cfg: dict, x: np.ndarray, loops: str) -> None:
     """The closed-loop sweep (``loops="closed"``) or the open-loop sweep (``"open"``, after the closed one)."""
     port = srv.port
@@ -251,7 +279,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--clients", type=ints, help="closed-loop concurrencies (full: 1,8,64,256; quick: 1,8)")
     p.add_argument("--rates", type=floats, help="open-loop rates as multiples of the closed-loop capacity "
                    "(full: 0.5,1,2,3; quick: 2; empty: no open loop)")
-    p.add_argument("--formats", type=strs, default=("npy", "json"), help="request bodies: npy,json")
+    p.add_argument("--formats", type=strs, default=("npy", "json"), help="request bodies: npy,json,v2 (v2: the Open "
+                   "Inference Protocol's binary requests; with npy also the alternating v2 vs npy comparison)")
+    p.add_argument("--v2-clients", type=int, default=64, help="clients of the v2 vs npy comparison")
+    p.add_argument("--v2-reps", type=int, default=4, help="alternations (ABBA order) of the v2 vs npy comparison")
     p.add_argument("--configs", type=strs, default=("default", "batch1"),
                    help="service configurations: default (its settings) and batch1 (GGA_MAX_BATCH_ROWS=1)")
     p.add_argument("--rows", type=int, default=1, help="rows (images) per request")
@@ -280,7 +311,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.strategy is None and args.quick:
         args.strategy = "device"
     for fmt in args.formats:
-        if fmt not in ("npy", "json"):
+        if fmt not in ("npy", "json", "v2"):
             p.error(f"unknown format {fmt!r}")
     for c in args.configs:
         if c not in ("default", "batch1"):
@@ -338,6 +369,8 @@ def _run(args: argparse.Namespace, pin: Pinning, cmd: str) -> dict:
             if len(servers) > 1 and 1 in args.clients:
                 measure_serial(args, servers, x, result)
             for label, srv in servers.items():
+                if label == "default" and {"npy", "v2"} <= set(args.formats):
+                    measure_v2_vs_npy(args, srv, x, result)
                 sweep_service(label, args, srv, result["configs"][label], x, "closed")
                 if label == "default" and not args.quick:  # the ceiling again, right after the saturation points
                     measure_ceiling(args, pin, envs["default"], result["configs"]["default"], len(x), result)

@@ -315,3 +315,30 @@ def test_auth_and_metrics_labels_of_the_v2_routes(server):
               if k[0] == "gga_requests_total" and dict(k[1])["route"].startswith("v2_") and v != before.get(k, 0)}
     assert counts == {("v2_health_live", "200"): 1, ("v2_health_ready", "200"): 1, ("v2_server_metadata", "401"): 1,
                       ("v2_model_metadata", "401"): 1, ("v2_model_metadata", "200"): 1, ("v2_model_ready", "200"): 1}
+
+
+def test_the_load_benchmarks_v2_request_is_served(server, rows):
+    """benchmarks/loadgen.py's raw v2 binary request (the load benchmark's v2 format) answers the native rows."""
+    from benchmarks.loadgen import Conn, v2_request
+
+    h, p = host(server).split(":")
+
+    async def send() -> tuple[int, bytes]:
+        conn = await Conn.open(h, int(p))
+        try:
+            return await conn.request(v2_request(h, int(p), rows[3:4]))
+        finally:
+            conn.close()
+
+    status, body = asyncio.run(send())
+    assert status == 200
+    header, end = json.JSONDecoder().raw_decode(body.decode("latin-1"))
+    sizes = [o["parameters"]["binary_data_size"] for o in header["outputs"]]
+    assert [o["name"] for o in header["outputs"]] == list(OUTPUTS) and end + sum(sizes) == len(body)
+    expected = native(server, rows[3:4])
+    got, offset = {}, end
+    for o, size in zip(header["outputs"], sizes, strict=True):
+        dtype = {"INT64": "<i8", "FP32": "<f4", "FP64": "<f8", "BOOL": "?"}[o["datatype"]]
+        got[o["name"]] = np.frombuffer(body[offset:offset + size], dtype=dtype).reshape(o["shape"])
+        offset += size
+    assert_same({k: v.astype(expected[k].dtype) for k, v in got.items()}, expected)
