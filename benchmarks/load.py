@@ -158,27 +158,28 @@ def measure_v2_vs_npy(args, srv: Server, x: np.ndarray, result: dict) -> None:
     of ``--v2-clients`` clients, alternating slices (ABBA...) so that drift hits both alike; pooled rows/s, ratio."""
     c = args.v2_clients
     bodies = {fmt: request_bodies(x, args.rows, fmt, "127.0.0.1", srv.port) for fmt in ("npy", "v2")}
-    acc = {fmt: {"rows": 0.0, "seconds": 0.0, "per_slice": [], "p50_ms": []} for fmt in bodies}
+    acc = {fmt: {"rows": 0.0, "seconds": 0.0, "per_slice": [], "p50_ms": [], "statuses": {}} for fmt in bodies}
     for rep in range(args.v2_reps):
         for fmt in (("npy", "v2") if rep % 2 == 0 else ("v2", "npy")):
             r = asyncio.run(closed_loop("127.0.0.1", srv.port, bodies[fmt], c, args.warmup_s, args.closed_s,
                                         args.rows, srv.pid))
-            if set(r["statuses"]) != {"200"}:
-                raise RuntimeError(f"{fmt} at {c} clients answered {r['statuses']}")
-            a = acc[fmt]
+            a = acc[fmt]  # rows/s counts 200s only; the statuses (503: shed by admission, alike for both) are kept
+            for k, n in r["statuses"].items():
+                a["statuses"][k] = a["statuses"].get(k, 0) + n
             a["rows"] += r["rows_per_s"] * args.closed_s
             a["seconds"] += args.closed_s
             a["per_slice"].append(r["rows_per_s"])
             a["p50_ms"].append(r["p50_ms"])
     out = {fmt: {"rows_per_s": a["rows"] / a["seconds"], "rows_per_s_per_slice": a["per_slice"],
-                 "p50_ms_per_slice": a["p50_ms"]} for fmt, a in acc.items()}
+                 "p50_ms_per_slice": a["p50_ms"], "statuses": a["statuses"]} for fmt, a in acc.items()}
     out.update(clients=c, rows=args.rows, reps=args.v2_reps, slice_s=args.closed_s,
                ratio=out["v2"]["rows_per_s"] / out["npy"]["rows_per_s"])
     result["v2_vs_npy"] = out
     log(f"v2 binary vs native npy, {c} clients of {args.rows} row(s), {args.v2_reps} alternations of "
         f"{args.closed_s:g} s: {out['v2']['rows_per_s']:.1f} vs {out['npy']['rows_per_s']:.1f} rows/s = "
         f"{out['ratio']:.3f}x (per slice v2 {', '.join(f'{v:.0f}' for v in out['v2']['rows_per_s_per_slice'])}; "
-        f"npy {', '.join(f'{v:.0f}' for v in out['npy']['rows_per_s_per_slice'])})")
+        f"npy {', '.join(f'{v:.0f}' for v in out['npy']['rows_per_s_per_slice'])}; statuses v2 "
+        f"{out['v2']['statuses']}, npy {out['npy']['statuses']})")
 
 
 def sweep_service(label: str, args, srv: Server, cfg: dict, x: np.ndarray, loops: str) -> None:
