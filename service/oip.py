@@ -19,9 +19,10 @@ UINT8 are accepted and converted to float32 like the ``.npy`` body), its ``data`
 row-major (nested lists are accepted too) or binary (:mod:`service.oip_binary`). Outputs:
 ``label`` INT64 [B], ``confidence`` FP32 [B], ``trust`` FP64 [B], ``flagged`` BOOL [B],
 ``score`` FP64 [B] (NaN where the native answer has null), ``top_classes`` INT64 [B, N];
-``csm`` FP32 [B, N, N] only when named in ``outputs``; ``prediction_set`` BOOL [B, C] and
-``accept`` BOOL [B] where the served detector gives them. ``outputs`` in the request selects
-and orders what comes back; the request ``id`` is echoed.
+``csm`` FP32 [B, N, N] only when named in ``outputs``; ``prediction_set`` BOOL [B, C] (one
+flag per class) and ``accept`` BOOL [B], also by default, where the served detector gives them
+(fitted decisions, a gate). ``outputs`` in the request selects and orders what comes back; the
+request ``id`` is echoed.
 
 Errors are the protocol's ``{"error": "<message>"}``: 400 for a bad request or tensor
 (what ``/predict`` answers with 415 or 422), 404 for an unknown model, version or
@@ -55,7 +56,7 @@ INPUT_DTYPES = ("FP32", "FP64", "FP16", "UINT8")
 EXTENSIONS = ["binary_tensor_data", "parameters"]
 # outputs: name -> datatype; the first six come back when the request names none
 DEFAULT_OUTPUTS = ("label", "confidence", "trust", "flagged", "score", "top_classes")
-SET_OUTPUTS = ("prediction_set", "accept")  # where the served detector gives them (conformal prediction sets)
+SET_OUTPUTS = ("prediction_set", "accept")  # also by default where the detector gives them (prediction sets, gate)
 DATATYPES = {"label": "INT64", "confidence": "FP32", "trust": "FP64", "flagged": "BOOL", "score": "FP64",
              "top_classes": "INT64", "csm": "FP32", "prediction_set": "BOOL", "accept": "BOOL"}
 UNSUPPORTED_PARAMETERS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset",
@@ -170,20 +171,17 @@ def output_shapes(st, detector) -> dict[str, list[int]]:
     shapes = {name: [-1] for name in ("label", "confidence", "trust", "flagged", "score")}
     shapes["top_classes"] = [-1, -1 if n < 0 else min(n, 5)]
     shapes["csm"] = [-1, n, n]
-    if _gives_sets(st, detector):
-        shapes["prediction_set"] = [-1, n_classes]
-        shapes["accept"] = [-1]
+    for name in set_outputs(detector):
+        shapes[name] = [-1, n_classes] if name == "prediction_set" else [-1]
     return shapes
 
 
-def _gives_sets(st, detector) -> bool:
-    """Whether this detector's rows carry a prediction set (seen in a computed row; see :func:`_note_sets`)."""
-    return detector is not None and getattr(st, "oip_sets_of", None) is detector
-
-
-def _note_sets(st, rows: list[dict]) -> None:
-    if rows and "prediction_set" in rows[0]:
-        st.oip_sets_of = st.slot.get()[0]
+def set_outputs(detector) -> tuple[str, ...]:
+    """The decision outputs the detector gives: ``prediction_set`` with fitted decisions, ``accept`` with a gate."""
+    decisions = getattr(detector, "decisions", None)
+    if decisions is None:
+        return ()
+    return SET_OUTPUTS if getattr(decisions, "gate", None) is not None else SET_OUTPUTS[:1]
 
 
 @router.get("/models/{name}")
@@ -221,12 +219,13 @@ async def model_ready(name: str, request: Request, version: str | None = None) -
 @dataclass(frozen=True)
 class InferRequest:
     x: np.ndarray  # float32 [B, *input_shape], checked
-    outputs: list[tuple[str, bool]]  # (name, binary) in the order asked
+    outputs: list[tuple[str, bool]] | None  # (name, binary) in the order asked; None: the defaults
+    binary_output: bool = False  # the request's binary_data_output: the defaults' encoding
     id: str | None = None
 
     @property
     def return_csm(self) -> bool:
-        return any(name == "csm" for name, _ in self.outputs)
+        return any(name == "csm" for name, _ in self.outputs or ())
 
 
 def _params(obj: dict, where: str) -> dict:
@@ -324,13 +323,13 @@ def parse_infer(body: bytes, header_length: str | None, st) -> InferRequest:
     if arr.dtype == np.float32 and not arr.flags.writeable:
         arr = arr.copy()
     x = validate_batch(arr, st.card.input_shape)
-    return InferRequest(x, _outputs(doc, binary_out), request_id)
+    return InferRequest(x, _outputs(doc, binary_out), binary_out, request_id)
 
 
-def _outputs(doc: dict, binary_out: bool) -> list[tuple[str, bool]]:
+def _outputs(doc: dict, binary_out: bool) -> list[tuple[str, bool]] | None:
     asked = doc.get("outputs")
     if asked is None:
-        return [(name, binary_out) for name in DEFAULT_OUTPUTS]
+        return None
     if not isinstance(asked, list) or not all(isinstance(o, dict) for o in asked):
         raise ApiError(400, "bad_request", "outputs must be a list of objects {\"name\": ...}")
     out, seen = [], set()
@@ -387,10 +386,14 @@ def _dumps(doc: dict) -> bytes:
 def build_response(req: InferRequest, rows: list[dict], model: str, alpha: float, n_classes: int,
                    warnings: list[dict]) -> Response:
     """The v2 response of the native rows: the outputs asked for, JSON or binary each."""
+    given = [k for k in SET_OUTPUTS if all(r.get(k) is not None for r in rows)]  # by the detector that computed
+    asked = req.outputs if req.outputs is not None else \
+        [(name, req.binary_output) for name in (*DEFAULT_OUTPUTS, *given)]
     outputs, blobs = [], []
-    for name, binary in req.outputs:
-        if name in SET_OUTPUTS and name not in rows[0]:
-            raise ApiError(400, "bad_request", f"output {name!r} is not given by the served detector")
+    for name, binary in asked:
+        if name in SET_OUTPUTS and name not in given:
+            raise ApiError(400, "bad_request", f"output {name!r} is not given by the served detector (prediction "
+                           "sets and the accept gate are fitted with the detector)")
         arr = _column(rows, name, n_classes)
         entry = {"name": name, "datatype": DATATYPES[name], "shape": list(arr.shape)}
         if binary:
@@ -461,7 +464,6 @@ async def _infer(name: str, version: str | None, request: Request) -> Response:
     if detector is None:
         raise ApiError(503, "no_detector", "no fitted detector for this model yet: calibrate one with POST /fit")
     rows = await _score(st, req.x, req.return_csm)
-    _note_sets(st, rows)
     served = st.settings.model.alpha
     alpha = served if served is not None else detector.alpha
     return build_response(req, rows, st.card.name, alpha, len(st.card.class_names), warnings)

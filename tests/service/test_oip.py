@@ -342,3 +342,35 @@ def test_the_load_benchmarks_v2_request_is_served(server, rows):
         got[o["name"]] = np.frombuffer(body[offset:offset + size], dtype=dtype).reshape(o["shape"])
         offset += size
     assert_same({k: v.astype(expected[k].dtype) for k, v in got.items()}, expected)
+
+
+def test_decision_outputs_come_where_the_rows_carry_them():
+    """prediction_set (class indices in the native rows) as one flag per class, accept as BOOL: by default where
+    every row has them; asked for where the detector gives none, a 400."""
+    from service.errors import ApiError
+    from service.oip import InferRequest, build_response
+
+    def row(label, pset, accept):
+        return {"label": label, "confidence": 0.5, "trust": 0.25, "flagged": False, "score": None,
+                "top_classes": [{"label": label, "name": str(label)}], "prediction_set": pset, "accept": accept,
+                "detector_version": "v3"}
+
+    x = np.zeros((2, *SHAPE), np.float32)
+    body = build_response(InferRequest(x, None, False, "d-1"), [row(3, [1, 3], True), row(0, [], False)], MODEL,
+                          0.05, 10, []).body
+    doc = json.loads(body)
+    outs = {o["name"]: o for o in doc["outputs"]}
+    assert list(outs) == [*OUTPUTS, "prediction_set", "accept"] and doc["id"] == "d-1"
+    assert outs["prediction_set"]["datatype"] == "BOOL" and outs["prediction_set"]["shape"] == [2, 10]
+    assert outs["prediction_set"]["data"] == [i in (1, 3) for i in range(10)] + [False] * 10
+    assert (outs["accept"]["data"], outs["score"]["data"]) == ([True, False], [None, None])  # NaN as JSON null
+    binary = build_response(InferRequest(x, [("accept", True), ("prediction_set", True)]),
+                            [row(3, [1, 3], True), row(0, [], False)], MODEL, 0.05, 10, [])
+    n = int(binary.headers["inference-header-content-length"])
+    assert binary.body[n:] == bytes([1, 0]) + bytes(i in (1, 3) for i in range(10)) + bytes(10)
+    plain = [row(3, None, None), row(0, None, None)]  # a detector without decisions
+    doc = json.loads(build_response(InferRequest(x, None), plain, MODEL, 0.05, 10, []).body)
+    assert [o["name"] for o in doc["outputs"]] == list(OUTPUTS)
+    with pytest.raises(ApiError) as err:
+        build_response(InferRequest(x, [("accept", False)]), plain, MODEL, 0.05, 10, [])
+    assert err.value.status == 400 and err.value.message.startswith("output 'accept' is not given")
