@@ -60,9 +60,17 @@ def native(base: str, x: np.ndarray, csm: bool = False) -> dict[str, np.ndarray]
            "flagged": np.array([q["flagged"] for q in p], bool),
            "score": np.array([np.nan if q["score"] is None else q["score"] for q in p], np.float64),
            "top_classes": np.array([[c["label"] for c in q["top_classes"]] for q in p], np.int64)}
+    if all(q.get("prediction_set") is not None for q in p):  # a detector with prediction sets (and a gate)
+        out["prediction_set"] = np.array([[c in q["prediction_set"] for c in range(10)] for q in p], bool)
+    if all(q.get("accept") is not None for q in p):
+        out["accept"] = np.array([q["accept"] for q in p], bool)
     if csm:
         out["csm"] = np.array([q["csm"] for q in p], np.float32)
     return out
+
+
+def pick(expected: dict[str, np.ndarray], names) -> dict[str, np.ndarray]:
+    return {n: expected[n] for n in names}
 
 
 def assert_same(got: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> None:
@@ -124,7 +132,7 @@ def test_tritonclient_outputs_equal_native_predict(server, triton, rows, binary)
     assert response["id"] == f"req-{binary}" and response["model_name"] == MODEL
     assert response["model_version"] == "v0" and response["parameters"] == {"alpha": 0.05}
     got = {n: result.as_numpy(n) for n in (*OUTPUTS, "csm")}
-    assert_same(got, native(server, x, csm=True))
+    assert_same(got, pick(native(server, x, csm=True), (*OUTPUTS, "csm")))
     assert got["label"].tolist() == [7, 2, 1, 0, 4]  # the first five test digits
 
 
@@ -134,10 +142,11 @@ def test_tritonclient_defaults_selection_compression_and_versions(server, triton
     inp = httpclient.InferInput("input", list(x.shape), "FP32")
     inp.set_data_from_numpy(x, binary_data=True)
     expected = native(server, x)
-    # no outputs named: the six default outputs, binary (tritonclient asks for binary_data_output), no csm
+    # no outputs named: the default outputs (the six, and the decisions where the detector has them), binary
+    # (tritonclient asks for binary_data_output), no csm
     result = client.infer(MODEL, [inp], request_compression_algorithm="gzip")
-    assert [o["name"] for o in result.get_response()["outputs"]] == list(OUTPUTS)
-    assert_same({n: result.as_numpy(n) for n in OUTPUTS}, expected)
+    assert [o["name"] for o in result.get_response()["outputs"]] == list(expected)
+    assert_same({n: result.as_numpy(n) for n in expected}, expected)
     # two outputs in the order asked, one JSON and one binary; the versioned path
     wanted = [httpclient.InferRequestedOutput("trust", binary_data=False),
               httpclient.InferRequestedOutput("label", binary_data=True)]
@@ -162,7 +171,8 @@ def test_other_input_datatypes_are_converted_like_the_npy_body(server, triton, r
     inp = httpclient.InferInput("input", list(x.shape), dtype)
     inp.set_data_from_numpy(x, binary_data=True)
     result = client.infer(MODEL, [inp])
-    assert_same({n: result.as_numpy(n) for n in OUTPUTS}, native(server, x.astype(np.float32)))
+    expected = native(server, x.astype(np.float32))
+    assert_same({n: result.as_numpy(n) for n in expected}, expected)
     if dtype == "UINT8":  # raw 0..255 pixels are outside the model's range: the /predict rule, as a 400
         from tritonclient.utils import InferenceServerException
 
@@ -182,7 +192,7 @@ def test_kserve_rest_client_v2(server, rows):
     from kserve.protocol.infer_type import RequestedOutput
 
     x = rows[1:7]
-    expected = native(server, x)
+    expected = pick(native(server, x), OUTPUTS)
 
     async def calls():
         async with InferenceRESTClient(RESTConfig(protocol="v2", timeout=60)) as client:
@@ -285,7 +295,7 @@ def test_bad_input_probe_answers_4xx_never_5xx(server):
         r = c.post(f"/v2/models/{MODEL}/infer", content=HEAD1 + ONE,  # the same header, well formed: served
                    headers={"Inference-Header-Content-Length": str(len(HEAD1))})
         assert r.status_code == 200 and r.headers["content-type"] == "application/json"
-        assert [o["name"] for o in r.json()["outputs"]] == list(OUTPUTS)
+        assert [o["name"] for o in r.json()["outputs"]][:6] == list(OUTPUTS)
         after = parse_metrics(c.get("/metrics").text)
 
     def delta(route, status):
@@ -334,8 +344,8 @@ def test_the_load_benchmarks_v2_request_is_served(server, rows):
     assert status == 200
     header, end = json.JSONDecoder().raw_decode(body.decode("latin-1"))
     sizes = [o["parameters"]["binary_data_size"] for o in header["outputs"]]
-    assert [o["name"] for o in header["outputs"]] == list(OUTPUTS) and end + sum(sizes) == len(body)
     expected = native(server, rows[3:4])
+    assert [o["name"] for o in header["outputs"]] == list(expected) and end + sum(sizes) == len(body)
     got, offset = {}, end
     for o, size in zip(header["outputs"], sizes, strict=True):
         dtype = {"INT64": "<i8", "FP32": "<f4", "FP64": "<f8", "BOOL": "?"}[o["datatype"]]
@@ -374,3 +384,45 @@ def test_decision_outputs_come_where_the_rows_carry_them():
     with pytest.raises(ApiError) as err:
         build_response(InferRequest(x, [("accept", False)]), plain, MODEL, 0.05, 10, [])
     assert err.value.status == 400 and err.value.message.startswith("output 'accept' is not given")
+
+
+def test_v2_infer_is_shed_and_timed_out_like_predict(tmp_path, mnist_test):
+    """A full queue answers a v2 inference 503 before its body is read; a queue wait past the timeout is a 504;
+    both in the protocol's error body, counted under v2_infer. In process, with the worker held in forward."""
+    from service.settings import DEFAULT_MODEL_DIR
+    from tests.support import fakes
+    from tests.support.service import Running, make_settings, run
+
+    settings = make_settings(tmp_path, model="factory:tests.support.fakes:gated_mnist",
+                             model_weights=DEFAULT_MODEL_DIR / "model.safetensors", max_batch_rows=1,
+                             max_queue_rows=1, max_delay_ms=0, request_timeout_s=0.5)
+    x = mnist_test[0][:1]
+    v2 = {"inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": x.ravel().tolist()}]}
+    url = f"/v2/models/{MODEL}/infer"
+
+    async def go():
+        async with Running(settings) as svc:
+            fakes.ENTERED.clear()
+            fakes.GATE.clear()
+            try:
+                busy = asyncio.create_task(svc.client.post(url, json=v2))
+                while not fakes.ENTERED.is_set():  # the worker is now stuck in forward
+                    await asyncio.sleep(0.01)
+                queued = asyncio.create_task(svc.client.post(url, json=v2))
+                await asyncio.sleep(0.05)
+                unread = await svc.client.post(url, content=b"{not json")  # refused before the body is read
+                ready = await svc.client.get("/v2/health/ready")
+                timed_out = await queued
+            finally:
+                fakes.GATE.set()
+            return await busy, unread, ready, timed_out, await svc.metrics()
+
+    first, unread, ready, timed_out, m = run(go())
+    assert first.status_code == 200 and first.json()["outputs"][0]["data"] == [7]
+    assert (unread.status_code, unread.headers["retry-after"]) == (503, "1")
+    assert unread.json() == {"error": "the queue is full (1 of 1 rows queued); retry later"}
+    assert ready.json() == {"ready": True}
+    assert timed_out.status_code == 504 and timed_out.json() == {
+        "error": "the request could not be computed within 0.5 s of its arrival and was not computed"}
+    counts = [m[("gga_requests_total", (("route", "v2_infer"), ("status", s)))] for s in ("200", "503", "504")]
+    assert counts == [1, 1, 1]
