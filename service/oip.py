@@ -76,7 +76,7 @@ def route_label(path: str) -> str | None:
     if not is_v2(path):
         return None
     parts = path.split("/")[2:]
-    if parts in ([], [""]):
+    if not parts:
         return "v2_server_metadata"
     if parts in (["health", "live"], ["health", "ready"]):
         return f"v2_health_{parts[1]}"

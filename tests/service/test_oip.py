@@ -426,3 +426,19 @@ def test_v2_infer_is_shed_and_timed_out_like_predict(tmp_path, mnist_test):
         "error": "the request could not be computed within 0.5 s of its arrival and was not computed"}
     counts = [m[("gga_requests_total", (("route", "v2_infer"), ("status", s)))] for s in ("200", "503", "504")]
     assert counts == [1, 1, 1]
+
+
+def test_route_labels_of_the_v2_paths():
+    from service.oip import route_label
+
+    labels = {path: route_label(path) for path in (
+        "/v2", "/v2/", "/v2/health/live", "/v2/health/ready", "/v2/models/m", "/v2/models/m/versions/v1",
+        "/v2/models/m/ready", "/v2/models/m/versions/v1/ready", "/v2/models/m/infer", "/v2/models/m/versions/v1/infer",
+        "/v2/models/m/stats", "/v2/models//infer", "/predict", "/v2x")}
+    assert labels == {
+        "/v2": "v2_server_metadata", "/v2/": "unmatched", "/v2/health/live": "v2_health_live",
+        "/v2/health/ready": "v2_health_ready", "/v2/models/m": "v2_model_metadata",
+        "/v2/models/m/versions/v1": "v2_model_metadata", "/v2/models/m/ready": "v2_model_ready",
+        "/v2/models/m/versions/v1/ready": "v2_model_ready", "/v2/models/m/infer": "v2_infer",
+        "/v2/models/m/versions/v1/infer": "v2_infer", "/v2/models/m/stats": "unmatched",
+        "/v2/models//infer": "unmatched", "/predict": None, "/v2x": None}
