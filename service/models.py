@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from detectors.second_opinion import SECOND_OPINIONS
 from detectors.zoo import ARCHITECTURES
 from service.settings import DEFAULT_MODEL_DIR, Settings
 
@@ -57,6 +58,7 @@ class ModelCard:
     feature_layers: tuple[str, ...] | None = None  # submodules the composite detector reads; None: found by probe
     value_range: tuple[float, float] | None = None  # the input values the model was trained on
     value_range_policy: str = "reject"  # reject: 422 naming the sample; warn: served with a warning
+    second_opinion: str | None = None  # a robust classifier the composite consults (detectors.second_opinion)
 
     def check_range(self, x) -> list[tuple[int, float, float]]:
         """Samples of x [B, ...] with values outside ``value_range``: (index, min, max) each, in order."""
@@ -98,10 +100,17 @@ class ModelCard:
         policy = d.get("value_range_policy", "reject")
         if policy not in ("reject", "warn"):
             raise ModelLoadError(f"model card {source}: value_range_policy must be 'reject' or 'warn', got {policy!r}")
+        second = d.get("second_opinion")
+        if second is not None and second not in SECOND_OPINIONS:
+            raise ModelLoadError(f"model card {source}: second_opinion must be one of {sorted(SECOND_OPINIONS)}, "
+                                 f"got {second!r}")
+        if second is not None and tuple(SECOND_OPINIONS[second].input_shape) != shape:
+            raise ModelLoadError(f"model card {source}: the {second} second opinion reads inputs of shape "
+                                 f"{tuple(SECOND_OPINIONS[second].input_shape)}, the model's are {shape}")
         extra = {k: v for k, v in d.items() if k not in ("input_shape", "class_names", "name")}
         return cls(name=str(d.get("name", source)), input_shape=shape, class_names=names, extra=extra,
                    feature_layers=tuple(layers) if layers else None, value_range=value_range,
-                   value_range_policy=policy)
+                   value_range_policy=policy, second_opinion=second)
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
