@@ -32,6 +32,7 @@ from service.errors import ApiError, envelope, install_error_handlers, internal_
 from service.fitjobs import FitJobManager
 from service.metrics import ServiceMetrics
 from service.models import load_model
+from service.page import install_page
 from service.reload import ReloadWatcher, SwapGate
 from service.routes import admission_refusal, router
 from service.settings import DEFAULT_MODEL_DIR, Settings
@@ -391,6 +392,7 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
     install_error_handlers(app)
     app.include_router(router)
     install_docs(app)
+    install_page(app)
 
     app.add_middleware(RequestMetrics, state=app.state, openapi=app.openapi)
 

@@ -166,9 +166,9 @@ class AuthSettings(_Group):
         "whitespace is ignored"
     )
     read_token: SecretStr | None = Field(
-        None, description="bearer token for /info and the API docs (/docs, /redoc, /openapi.json; HTTP Basic with "
-        "the token as password also works, for browsers); the admin token opens them too (unset, empty or blank: "
-        "open to all)"
+        None, description="bearer token for /info, the page at / and the API docs (/docs, /redoc, /openapi.json; "
+        "HTTP Basic with the token as password also works, for browsers); the admin token opens them too (unset, "
+        "empty or blank: open to all)"
     )
 
     @field_validator("admin_token", "read_token", mode="before")
