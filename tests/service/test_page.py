@@ -121,6 +121,7 @@ def test_page_uploads_draws_and_stays_on_its_origin(server, browser, tmp_path):
     token.send_keys(TOKEN + "\n")
     WebDriverWait(browser, 20).until(lambda d: d.find_element(By.ID, "model-line").text.startswith("Model mnist_cnn"))
     assert browser.find_element(By.ID, "draw").is_displayed()
+    assert not browser.find_element(By.ID, "token-form").is_displayed()
 
     browser.find_element(By.ID, "files").send_keys(f"{digit}\n{shoe}")  # one multipart request, in order
     cards = wait_cards(browser, 2)

@@ -116,7 +116,7 @@ function resultCard(p, source, alpha) {
   card.append(
     el("div", { class: "head" }, img, el("div", {},
       el("h3", {}, el("span", { class: "label", text: p.label_name }),
-        el("span", { class: "confidence", text: ` ${pct(p.confidence)}` })),
+        el("span", { class: "confidence", text: ` · confidence ${pct(p.confidence)}` })),
       el("p", { class: "source", text: source.name }),
       el("p", { class: "verdict", text: `${verdict} (trust ${fmtP(p.trust)}, alpha ${alpha})` }))),
     el("p", { class: "top", text: "Top classes: " + p.top_classes.map((c) => c.name).join(", ") }),
