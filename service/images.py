@@ -13,7 +13,8 @@ What is refused, before anything reaches the batcher (so nothing else is affecte
   says), truncated or corrupt files: 400 ``malformed_image``;
 - a declared type that the bytes are not (``image/png`` on JPEG bytes, or on a part of a
   multipart body): 415 ``content_type_mismatch``;
-- a width or height of 0: 422 ``empty_image``; more pixels than ``GGA_MAX_IMAGE_PIXELS``
+- a width or height of 0: 422 ``empty_image`` (a PNG's header is read for it; Pillow opens no
+  other format with a zero side, so those are 400 as unreadable); more pixels than ``GGA_MAX_IMAGE_PIXELS``
   (width x height as the header declares them): 413 ``image_too_large``, decided from the
   header before a pixel is decoded;
 - an animated or multi-frame image (APNG, animated WebP): 422 ``multi_frame``; the service
@@ -77,11 +78,18 @@ def open_image(data: bytes, declared: str, max_pixels: int, name: str = "body") 
     want = IMAGE_TYPES.get(declared)
     if want is not None and want != fmt:
         raise ApiError(415, "content_type_mismatch", f"{name} is labelled {declared} but its bytes are {fmt}")
+    if fmt == "PNG" and len(data) >= 24 and data[12:16] == b"IHDR" and (data[16:20] == bytes(4)
+                                                                         or data[20:24] == bytes(4)):
+        w, h = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+        raise ApiError(422, "empty_image", f"{name} is {w}x{h} pixels: nothing to classify")
     try:
         img = Image.open(io.BytesIO(data), formats=[fmt])
     except Image.DecompressionBombError as exc:
         raise ApiError(413, "image_too_large", f"{name} declares too many pixels: {exc}") from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+    except UnidentifiedImageError as exc:
+        raise ApiError(400, "malformed_image", f"{name} starts like a {fmt} image but is not a readable one (a "
+                       "corrupt or truncated header)") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ApiError(400, "malformed_image", f"{name} is not a readable {fmt} image: {exc}") from exc
     width, height = img.size
     if width < 1 or height < 1:
@@ -203,14 +211,20 @@ def parse_multipart(body: bytes, content_type: str, max_files: int) -> list[tupl
             raise ApiError(413, "payload_too_large", f"more than {max_files} files in one request: the queue holds "
                            f"at most {max_files} rows (GGA_MAX_QUEUE_ROWS); send fewer per request")
 
+    def on_end() -> None:
+        state["complete"] = True
+
     parser = MultipartParser(boundary, {"on_part_begin": on_part_begin, "on_header_field": on_header_field,
                                         "on_header_value": on_header_value, "on_header_end": on_header_end,
-                                        "on_part_data": on_part_data, "on_part_end": on_part_end})
+                                        "on_part_data": on_part_data, "on_part_end": on_part_end, "on_end": on_end})
     try:
         parser.write(body)
         parser.finalize()
     except FormParserError as exc:
         raise ApiError(400, "malformed_multipart", f"the multipart body cannot be parsed: {exc}") from exc
+    if not state.get("complete"):
+        raise ApiError(400, "malformed_multipart", "the multipart body ends before its closing boundary "
+                       "(truncated, or another boundary than its Content-Type names)")
     files = []
     for i, part in enumerate(parts):
         _, disp = parse_options_header(part["headers"].get(b"content-disposition"))
