@@ -348,7 +348,7 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
             # passes (in batches of at most a request batch) and the strategy measurement of a new top-N
             slot.run = batcher.run_between
             fits = FitJobManager(model, device, store, gate, metrics, num_classes=len(card.class_names),
-                                 feature_layers=card.feature_layers,
+                                 feature_layers=card.feature_layers, second_opinion=card.second_opinion,
                                  batch_size=min(settings.fit.batch_size, batching.max_batch_rows),
                                  run=batcher.run_between)
             watcher = ReloadWatcher(store, model, gate, interval_s=settings.storage.reload_interval_s)
