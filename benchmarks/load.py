@@ -280,8 +280,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--clients", type=ints, help="closed-loop concurrencies (full: 1,8,64,256; quick: 1,8)")
     p.add_argument("--rates", type=floats, help="open-loop rates as multiples of the closed-loop capacity "
                    "(full: 0.5,1,2,3; quick: 2; empty: no open loop)")
-    p.add_argument("--formats", type=strs, default=("npy", "json"), help="request bodies: npy,json,v2 (v2: the Open "
-                   "Inference Protocol's binary requests; with npy also the alternating v2 vs npy comparison)")
+    p.add_argument("--formats", type=strs, default=("npy", "json"), help="request bodies: npy,json,png,v2 (png: PNG "
+                   "images, multipart for several rows; v2: the Open Inference Protocol's binary requests; with npy "
+                   "also the alternating v2 vs npy comparison)")
     p.add_argument("--v2-clients", type=int, default=64, help="clients of the v2 vs npy comparison")
     p.add_argument("--v2-reps", type=int, default=4, help="alternations (ABBA order) of the v2 vs npy comparison")
     p.add_argument("--configs", type=strs, default=("default", "batch1"),
@@ -312,7 +313,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.strategy is None and args.quick:
         args.strategy = "device"
     for fmt in args.formats:
-        if fmt not in ("npy", "json", "v2"):
+        if fmt not in ("npy", "json", "png", "v2"):
             p.error(f"unknown format {fmt!r}")
     for c in args.configs:
         if c not in ("default", "batch1"):
@@ -387,13 +388,29 @@ def _run(args: argparse.Namespace, pin: Pinning, cmd: str) -> dict:
     result["machine"]["loadavg_end"] = os.getloadavg()
     result["wall_s"] = time.perf_counter() - t0
     result["targets"] = targets(result, list(args.formats))
+    result["png_vs_npy"] = png_vs_npy(result)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "load.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     md = markdown(result)
     (args.out_dir / "load.md").write_text(md)
     print(md)
+    for line in result["png_vs_npy"]:
+        print(line)
     log(f"wrote {args.out_dir / 'load.json'} and load.md in {result['wall_s']:.0f} s")
     return result
+
+
+def png_vs_npy(result: dict) -> list[str]:
+    """Closed-loop throughput of PNG bodies over npy bodies, per configuration and client count, in this run."""
+    lines = []
+    for label, cfg in result.get("configs", {}).items():
+        closed = cfg.get("closed", {})
+        for c, r in closed.get("png", {}).items():
+            npy = closed.get("npy", {}).get(c)
+            if npy and npy["rows_per_s"]:
+                lines.append(f"[{label}] PNG vs npy bodies, {c} clients: {r['rows_per_s']:.1f} / "
+                             f"{npy['rows_per_s']:.1f} rows/s = {r['rows_per_s'] / npy['rows_per_s']:.2f}x")
+    return lines
 
 
 if __name__ == "__main__":

@@ -395,6 +395,24 @@ def v2_request(host: str, port: int, part: np.ndarray, model: str = V2_MODEL) ->
     return raw.replace(b"\r\n\r\n", f"\r\nInference-Header-Content-Length: {len(head)}\r\n\r\n".encode(), 1)
 
 
+def png_body(part: np.ndarray) -> tuple[bytes, str]:
+    """Grey-scale rows [n, 1, H, W] in [0, 1] as images: one PNG body (one row) or a multipart body of PNG
+    ``file`` fields (several), with its content type."""
+    from PIL import Image
+
+    pngs = []
+    for row in part:
+        buf = io.BytesIO()
+        Image.fromarray(np.rint(row[0] * 255).astype(np.uint8)).save(buf, format="PNG")
+        pngs.append(buf.getvalue())
+    if len(pngs) == 1:
+        return pngs[0], "image/png"
+    boundary = "gga-load-boundary"
+    body = b"".join(f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{i}.png"\r\n'
+                    f"Content-Type: image/png\r\n\r\n".encode() + png + b"\r\n" for i, png in enumerate(pngs))
+    return body + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
 def request_bodies(x: np.ndarray, rows: int, fmt: str, host: str, port: int, count: int = 256) -> list[bytes]:
     out = []
     for k in range(count):
@@ -405,6 +423,8 @@ def request_bodies(x: np.ndarray, rows: int, fmt: str, host: str, port: int, cou
             continue
         if fmt == "npy":
             body, ctype = npy_bytes(part), "application/x-npy"
+        elif fmt == "png":
+            body, ctype = png_body(part)
         else:
             body, ctype = json.dumps({"inputs": part.tolist()}).encode(), "application/json"
         out.append(http_request(host, port, "POST", "/predict", body, ctype))

@@ -35,6 +35,7 @@ from service.models import load_model
 from service.oip import error_response as v2_error
 from service.oip import is_v2, route_label
 from service.oip import router as oip_router
+from service.page import install_page
 from service.reload import ReloadWatcher, SwapGate
 from service.routes import admission_refusal, router
 from service.settings import DEFAULT_MODEL_DIR, Settings
@@ -401,6 +402,7 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
     app.include_router(router)
     app.include_router(oip_router)  # the Open Inference Protocol (KServe v2) on the same batcher and detector
     install_docs(app)
+    install_page(app)
 
     app.add_middleware(RequestMetrics, state=app.state, openapi=app.openapi)
 

@@ -43,6 +43,7 @@ class SetScores:
     csm_classes: list[int] = field(default_factory=list)  # the classes of its rows/columns (as far as known)
     nonfinite_scores: int = 0  # scores the service returned as null (counted as +inf)
     range_warnings: int = 0  # samples the service scored with a value-range warning (the card's 'warn' policy)
+    p_values: np.ndarray | None = None  # with --explain: (n, K), each detector component's p-value per sample
 
 
 class LocalScorer:
@@ -110,10 +111,14 @@ class LocalScorer:
                              "pixels / 255)")
         return [what + " (the card's policy is 'warn': scored anyway)"]
 
-    def score(self, x: np.ndarray, return_csm: bool) -> dict:
+    def score(self, x: np.ndarray, return_csm: bool, explain: bool = False) -> dict:
+        from service.explain import component_p_values
+
         out = self.detector.score(self._torch.from_numpy(x).to(self.device), return_csm=return_csm)
         trust = out.trust.double().numpy()
-        return {"label": out.label.numpy().astype(np.int64), "score": out.score.double().numpy(), "trust": trust,
+        comps = component_p_values(self.detector, out) if explain else None
+        return {"p_values": None if comps is None else _p_matrix(comps),
+                "label": out.label.numpy().astype(np.int64), "score": out.score.double().numpy(), "trust": trust,
                 "flagged": trust < self.alpha, "top_classes": out.top_classes.numpy(),
                 "csm": None if out.csm is None else out.csm.float().numpy()}
 
@@ -171,9 +176,9 @@ class RemoteScorer:
         self._set = f"{ds.name} ({ds.path})"
         return []
 
-    def score(self, x: np.ndarray, return_csm: bool) -> dict:
+    def score(self, x: np.ndarray, return_csm: bool, explain: bool = False) -> dict:
         try:
-            res = self.client.predict(x, return_csm=return_csm)
+            res = self.client.predict(x, return_csm=return_csm, explain=explain)
         except BadRequest as exc:
             raise UsageError(f"the service refused samples of {self._set}: {exc.status} {exc.type}: {exc.message}"
                              + (" (lower --batch-size)" if exc.status == 413 else "")) from exc
@@ -183,15 +188,21 @@ class RemoteScorer:
             raise EvalFailed(f"/predict failed for {self._set}: {type(exc).__name__}: {exc}") from exc
         if len(res) != len(x):
             raise EvalFailed(f"/predict answered {len(res)} rows for {len(x)} samples of {self._set}")
-        return {"label": res.labels, "score": res.score, "trust": res.trust, "flagged": res.flagged,
+        return {"p_values": res.p_values, "label": res.labels, "score": res.score, "trust": res.trust,
+                "flagged": res.flagged,
                 "top_classes": res.top_classes, "csm": res.csm, "warnings": len(res.warnings)}
 
     def close(self) -> None:
         self.client.close()
 
 
-def score_set(scorer, ds: DataSet, batch_size: int, progress: bool) -> SetScores:
-    """Score ``ds`` in batches (the first batch with its CSM), with a progress bar on stderr."""
+def _p_matrix(rows: list[list[dict]]) -> np.ndarray:
+    return np.array([[np.nan if c["p_value"] is None else c["p_value"] for c in r] for r in rows], dtype=np.float64)
+
+
+def score_set(scorer, ds: DataSet, batch_size: int, progress: bool, explain: bool = False) -> SetScores:
+    """Score ``ds`` in batches (the first batch with its CSM), with a progress bar on stderr; ``explain``:
+    each detector component's p-value per sample too."""
     from service.fitcli import ProgressBar
 
     bar = ProgressBar(sys.stderr, label=f"scoring {ds.name}") if progress else None
@@ -199,7 +210,7 @@ def score_set(scorer, ds: DataSet, batch_size: int, progress: bool) -> SetScores
     n = len(ds.x)
     try:
         for start in range(0, n, batch_size):
-            parts.append(scorer.score(ds.x[start:start + batch_size], return_csm=(start == 0)))
+            parts.append(scorer.score(ds.x[start:start + batch_size], return_csm=(start == 0), explain=explain))
             if bar is not None:
                 bar(min(start + batch_size, n), n)
     except (UsageError, EvalFailed):
@@ -220,4 +231,6 @@ def score_set(scorer, ds: DataSet, batch_size: int, progress: bool) -> SetScores
         trust=np.concatenate([p["trust"] for p in parts]).astype(np.float64),
         flagged=np.concatenate([p["flagged"] for p in parts]).astype(bool), csm=csm,
         csm_classes=[int(c) for c in first["top_classes"][0]] if csm is not None else [],
-        nonfinite_scores=nonfinite, range_warnings=sum(p.get("warnings", 0) for p in parts))
+        nonfinite_scores=nonfinite, range_warnings=sum(p.get("warnings", 0) for p in parts),
+        p_values=np.concatenate([p["p_values"] for p in parts]) if explain and all(
+            p.get("p_values") is not None for p in parts) else None)
