@@ -23,15 +23,16 @@ EXIT_BAD_SETTINGS = 2
 
 
 def server_config(app, settings: Settings) -> uvicorn.Config:
-    """The uvicorn configuration of ``settings``: documented ``uvicorn.Config`` parameters only, and the h11
-    implementation (the one the service is tested with, also where uvloop/httptools are installed)."""
+    """The uvicorn configuration of ``settings``: documented ``uvicorn.Config`` parameters only, the h11
+    implementation and the standard asyncio event loop (the ones the service is tested with, also where
+    uvloop/httptools are installed, e.g. by the ``oip`` extra's kserve client)."""
     http: str | type = "h11"
     if settings.server.guarded_protocol:
         from service.protocol import guarded_protocol
 
         http = guarded_protocol(settings, app)  # header timeout, shedding before parsing
     return uvicorn.Config(app, host=settings.server.host, port=settings.server.port,
-                          log_level=settings.server.log_level, http=http,
+                          log_level=settings.server.log_level, http=http, loop="asyncio",
                           timeout_graceful_shutdown=settings.server.shutdown_grace_s)
 
 

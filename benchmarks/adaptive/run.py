@@ -7,13 +7,13 @@
 
 writes ``<out>.json`` (every setting, per-attack outcomes, sanity checks) and ``<out>.md``.
 
-Splits (MNIST): ``test`` is t10k; ``val`` is MNIST train images the served detector was not
-fitted or calibrated on. The bundled detector (``detectors/zoo/fit_default.py``) used a seeded
-subset of the model's training part (the model card's seeded 90% of train) and the first
-``n_calibration`` images of the 10% validation part, which leaves the rest of the training
-part (the model trained on those images: it is more confident on them than on fresh ones).
-``--n`` inputs are drawn (seeded) from the split; the next ``--pool`` images are the feature
-matching guides; the transfer attacker's own detector is fitted on other training-part images.
+Splits (MNIST): ``test`` is t10k; ``val`` is the model's 10% validation part after the
+detector's ``n_calibration`` images, in order (the bundled detector, ``detectors/zoo/fit_default.py``,
+calibrates on the first 4,000; the robust second opinion held out the first 5,000, so the first
+1,000 ``val`` images are new to the model, the detector and the second opinion). ``--n`` inputs
+come from the split (seeded draw on ``test``); the feature-matching guides (``--pool``) and the
+transfer attacker's own fit come from the model's training part minus the detector's fit subset
+(public data the attacker may hold).
 
 Robust detection (:mod:`benchmarks.adaptive.metrics`) per attack and for the best of all,
 at every budget in ``--budgets``. Sanity checks (Carlini et al. 2019, "On Evaluating
@@ -147,14 +147,20 @@ def main(argv: list[str] | None = None) -> dict:
         order = rng.permutation(len(xt))
         x_src, y_src, take = xt, yt, order
         transfer_idx = unused[: 2 * args.transfer_fit]
+        pool_x, pool_y = xt[order[args.n: args.n + args.pool]], yt[order[args.n: args.n + args.pool]]
     else:
+        # the validation part after the calibration images, in order: neither the model nor the
+        # detector saw them (nor, for the bundled default, the robust second opinion: it held out
+        # the first 5,000 of the same permutation and the detector calibrates on the first 4,000)
         x_src, y_src = sp["x"], sp["y"]
-        take = unused[: args.n + args.pool]
-        transfer_idx = unused[args.n + args.pool: args.n + args.pool + 2 * args.transfer_fit]
+        take = sp["val_cal_rest"]
+        if len(take) < args.n:
+            raise SystemExit(f"the validation part holds {len(take)} images after the calibration, --n {args.n}")
+        pool_x, pool_y = sp["x"][unused[: args.pool]], sp["y"][unused[: args.pool]]  # public guide images
+        transfer_idx = unused[args.pool: args.pool + 2 * args.transfer_fit]
     x = torch.from_numpy(x_src[take[: args.n]])
     y = torch.from_numpy(y_src[take[: args.n]])
-    pool_x = torch.from_numpy(x_src[take[args.n: args.n + args.pool]])
-    pool_y = torch.from_numpy(y_src[take[args.n: args.n + args.pool]])
+    pool_x, pool_y = torch.from_numpy(pool_x), torch.from_numpy(pool_y)
 
     sur = Surrogate(det, temperature=args.temperature, gga=args.gga)
     clean = det.score(x, batch_size=256)
@@ -178,7 +184,8 @@ def main(argv: list[str] | None = None) -> dict:
             own = transfer.fit_own(model, torch.from_numpy(xs[:half]), torch.from_numpy(ys[:half]),
                                    torch.from_numpy(xs[half:]), torch.from_numpy(ys[half:]),
                                    preset=det.preset or "composite", num_classes=len(card["class_names"]),
-                                   layers=det.config.layers, seed=args.transfer_seed)
+                                   layers=det.config.layers, seed=args.transfer_seed,
+                                   second_opinion=det.config.second_opinion)
             log(f"transfer attacker's detector fitted on {half} + {len(xs) - half} images in {time.time() - t0:.0f}s")
         return own
 

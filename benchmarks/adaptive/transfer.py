@@ -24,9 +24,12 @@ NAME = "transfer"
 
 
 def fit_own(model: torch.nn.Module, x_fit: torch.Tensor, y_fit: torch.Tensor, x_cal: torch.Tensor,
-            y_cal: torch.Tensor, *, preset: str, num_classes: int, layers, seed: int):
-    """The attacker's detector: the served recipe, another seed, other samples."""
-    det = build_detector(preset, model, num_classes=num_classes, layers=layers, seed=seed)
+            y_cal: torch.Tensor, *, preset: str, num_classes: int, layers, seed: int,
+            second_opinion: str | None = None):
+    """The attacker's detector: the served recipe (with the same public second opinion), another
+    seed, other samples."""
+    det = build_detector(preset, model, num_classes=num_classes, layers=layers, seed=seed,
+                         second_opinion=second_opinion)
     return det.fit(x_fit, y_fit, batch_size=500, calibration=(x_cal, y_cal))
 
 

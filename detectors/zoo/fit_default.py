@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -34,13 +35,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data-dir", type=Path, required=True)
     p.add_argument("--model-dir", type=Path, required=True)
     p.add_argument("--n-samples", type=int, default=20000)
-    # 5,000: the first 5,000 of the validation part are also the robust second opinion's held-out
-    # digits (detectors/zoo/robust_train.py holds out the same seeded permutation's first 5,000);
-    # it trained on the rest, so calibrating there would make its disagreement look too small
-    p.add_argument("--calibration-samples", type=int, default=5000)
+    # 4,000: the robust second opinion (detectors/zoo/robust_train.py) held out only the first 5,000
+    # of the same seeded permutation and trained on the rest of this validation part, so calibrating
+    # past 5,000 would make its disagreement look too small; images 4,000-5,000 stay new to the model,
+    # the detector and the second opinion (the adaptive attack suite's validation split)
+    p.add_argument("--calibration-samples", type=int, default=4000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--preset", choices=PRESETS, default="composite")
     p.add_argument("--top-n", type=int, default=None, help="classes in the CSM (default: the preset's choice)")
+    p.add_argument("--guard-share", type=float, default=None,
+                   help="composite with a second opinion: the flag budget share of its guard (default 0.3)")
+    p.add_argument("--without-gga", action="store_true", help="composite without the GGA component (ablation)")
     args = p.parse_args(argv)
 
     model = MnistCNN()
@@ -63,6 +68,12 @@ def main(argv: list[str] | None = None) -> None:
     det = build_detector(args.preset, model, num_classes=len(card["class_names"]), top_n=args.top_n,
                          layers=card.get("feature_layers"), seed=args.seed,
                          second_opinion=card.get("second_opinion") if args.preset == "composite" else None)
+    if args.guard_share is not None or args.without_gga:
+        if args.preset != "composite":
+            p.error("--guard-share and --without-gga apply to the composite preset")
+        cfg = det.config
+        det.config = replace(cfg, guard_share=cfg.guard_share if args.guard_share is None else args.guard_share,
+                             use_gga=cfg.use_gga and not args.without_gga)
     det.fit(x, y, batch_size=500, progress=progress, calibration=(x_cal, y_cal))
     print()
     det.save(args.model_dir / "detector")

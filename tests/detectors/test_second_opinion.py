@@ -130,7 +130,8 @@ def test_save_load_keeps_the_second_opinion_weights(fitted, tiny_spec, tmp_path,
     assert torch.equal(before.score, after.score) and torch.equal(before.flagged, after.flagged)
     state = {k: v for k, v in det.state_dict().items() if not k.startswith("second_opinion.model.")}
     with pytest.raises(ValueError, match="missing the tiny second opinion's weights"):
-        CompositeDetector(det.model, top_n=4, layers=list(det.config.layers), second_opinion="tiny").load_state_dict(state)
+        fresh = CompositeDetector(det.model, top_n=4, layers=list(det.config.layers), second_opinion="tiny")
+        fresh.load_state_dict(state)
 
 
 def test_bad_second_opinions_are_refused(tiny_spec):

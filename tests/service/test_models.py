@@ -30,7 +30,8 @@ def _mnist() -> MnistCNN:
 
 def test_torchscript_model_gets_a_composite_without_layers(tmp_path, mnist_test):
     """A TorchScript model hides its layers: the bundled composite (which reads them) is not used, and
-    a composite fitted for it runs on GGA and the logit signals."""
+    a composite fitted for it runs on GGA, the logit signals and the card's robust second opinion (which
+    reads the input, not the model's layers)."""
     path = tmp_path / "mnist.pt"
     torch.jit.script(_mnist()).save(str(path))
     x = mnist_test[0][:4]
@@ -58,7 +59,7 @@ def test_torchscript_model_gets_a_composite_without_layers(tmp_path, mnist_test)
                                                    model_card=DEFAULT_MODEL_DIR / "model_card.json")))
     assert ts_info["detector_version"] is None and ready == 503
     assert job["state"] == "succeeded", job
-    assert job["result"]["components"] == ["gga", "margin", "energy"]
+    assert job["result"]["components"] == ["gga", "margin", "energy", "disagreement"]
     assert [p["label"] for p in ts] == mnist_test[1][:4].tolist()
     assert {p["detector_version"] for p in ts} == {"v1"}
     with pytest.raises(ModelLoadError, match="needs a model card"):
