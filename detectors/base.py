@@ -174,6 +174,9 @@ class DetectorBase:
         self.fit_stats = None
         self.model_fingerprint: str | None = None
         self.preset: str | None = None  # set by detectors.presets.build_detector
+        # what an evaluation measured for this fitted state (threat model and figures; see
+        # benchmarks/adaptive/attach.py): kept in the saved JSON, shown by /info, dropped by a refit
+        self.evaluation: dict | None = None
 
     @property
     def alpha(self) -> float:
@@ -213,7 +216,8 @@ class DetectorBase:
         self._check_fitted()
         return {"kind": self.kind, "preset": self.preset, "format_version": self.format_version,
                 "config": asdict(self.config), **self._metadata_extra(),
-                "model_fingerprint": self.model_fingerprint, "fit": asdict(self.fit_stats)}
+                "model_fingerprint": self.model_fingerprint, "fit": asdict(self.fit_stats),
+                **({"evaluation": self.evaluation} if self.evaluation is not None else {})}
 
     def save(self, directory: str | Path) -> Path:
         """Write ``detector.safetensors`` and ``detector.json`` into ``directory`` (fsynced)."""
@@ -250,6 +254,8 @@ class DetectorBase:
         det.model_fingerprint = meta["model_fingerprint"]
         det.fit_stats = cls.stats_type(**meta["fit"])
         det.preset = meta.get("preset")
+        evaluation = meta.get("evaluation")
+        det.evaluation = evaluation if isinstance(evaluation, dict) else None
         return det
 
 
@@ -313,6 +319,7 @@ class BaselineDetector(DetectorBase):
             done = total - len(x_cal)
             self.calibration.fit(self._raw(x_cal, batch_size, progress=progress, run=run, offset=done, total=total))
         self.model_fingerprint = model_fingerprint(self.model)
+        self.evaluation = None  # a new fitted state: no evaluation measured it yet
         self.fit_stats = BaselineFitStats(
             n_samples=0 if x is None else len(x), n_calibration=0 if x_cal is None else len(x_cal),
             threshold=self.calibration.threshold if self.calibration.fitted else math.inf,

@@ -447,6 +447,7 @@ class CompositeDetector(DetectorBase):
         if separate and cal_y is not None:
             n_right += int((cal_sig.classes[:, 0] == torch.as_tensor(cal_y).long().cpu()).sum())
         n_all = n + (len(cal_stat) if separate else 0)
+        self.evaluation = None  # a new fitted state: no evaluation measured it yet
         self.fit_stats = CompositeFitStats(
             n_samples=n_all, n_correct=n_right, model_accuracy=n_right / n_all, n_fit=len(fit_idx),
             n_reference=n_ref, n_calibration=len(cal_stat), threshold=self.threshold,

@@ -190,6 +190,7 @@ class GGADetector(DetectorBase):
         self.loda, self.feature_mean, self.feature_std = loda, mean, std
         self.calibration = ConformalCalibration(c.alpha).fit(loda.score((cal_part - mean) / std))
         self.model_fingerprint = model_fingerprint(self.model)
+        self.evaluation = None  # a new fitted state: no evaluation measured it yet
         self.fit_stats = FitStats(
             n_samples=n_samples, n_correct=n_correct, model_accuracy=n_correct / n_samples, n_fit=n_fit,
             n_calibration=n_cal, threshold=self.threshold, seconds=round(time.perf_counter() - t0, 3),

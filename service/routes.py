@@ -321,7 +321,7 @@ def _detector_info(detector) -> dict | None:
     if not np.isfinite(fit["threshold"]):
         fit["threshold"] = None
     return {**describe(detector), "config": meta["config"], "fit": fit,
-            "model_fingerprint": meta["model_fingerprint"]}
+            "model_fingerprint": meta["model_fingerprint"], "evaluation": meta.get("evaluation")}
 
 
 @router.get("/healthz", summary="Liveness")

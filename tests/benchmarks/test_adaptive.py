@@ -182,3 +182,36 @@ def test_robust_detection_arithmetic():
     with pytest.raises(ValueError, match="no input is classified correctly"):
         robust_detection(torch.zeros(3, dtype=torch.bool), torch.ones(3, dtype=torch.bool))
     assert math.isclose(robust_detection(correct, torch.zeros(5, dtype=torch.bool)), 1.0)
+
+
+def test_attach_writes_the_evaluation_into_the_saved_json_and_load_keeps_it(setup, tmp_path):
+    from benchmarks.adaptive import attach
+    from detectors.persist import load_detector
+
+    model, det, _, _ = setup
+    det.save(tmp_path / "det")
+    tensors_before = (tmp_path / "det" / "detector.safetensors").read_bytes()
+    run = {"n": 200, "n_correct": 198, "clean_flag_rate": 0.045,
+           "attacks": {"cw": {"broken": 10, "robust_detection": 188 / 198}, "best_of_all": {"broken": 12,
+                                                                                            "robust_detection": 186 / 198}}}
+    result = {"settings": {"data": "mnist", "split": "test", "steps_for": "cw=100x2", "gga": "omit"},
+              "runs": {"linf:0.3": run},
+              "detector": {"components": det.components, "threshold": det.threshold}}
+    path = tmp_path / "r.json"
+    path.write_text(__import__("json").dumps(result))
+    attach.main(["--detector", str(tmp_path / "det"), "--result", str(path)])
+    loaded = load_detector(tmp_path / "det", model)
+    ev = loaded.evaluation
+    assert ev["budgets"]["linf:0.3"]["robust_detection"] == {"cw": 0.9495, "best_of_all": 0.9394}
+    assert ev["split"] == "test" and ev["report"] == str(tmp_path / "r.md")
+    assert loaded.metadata()["evaluation"] == ev
+    assert (tmp_path / "det" / "detector.safetensors").read_bytes() == tensors_before
+    # a result measured on another fitted state is refused; a refit drops the evaluation
+    result["detector"]["threshold"] = det.threshold + 1.0
+    path.write_text(__import__("json").dumps(result))
+    with pytest.raises(SystemExit, match="measured on another fitted state"):
+        attach.main(["--detector", str(tmp_path / "det"), "--result", str(path)])
+    x = torch.rand(300, 8, generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    assert loaded.fit(x[:200], y[:200], calibration=(x[200:], y[200:])).evaluation is None

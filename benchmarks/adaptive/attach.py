@@ -1,0 +1,69 @@
+"""Write what the adaptive suite measured into a saved detector's JSON (shown by ``/info``).
+
+    python -m benchmarks.adaptive.attach --detector service/default_model/detector \\
+        --result benchmarks/results/adaptive_mnist_default.json
+
+Adds ``evaluation`` to ``detector.json`` (the fitted state in ``detector.safetensors`` is not
+touched): the threat models, the budget, split and n, robust detection per attack and for the
+best of all, the clean flag rate, and where the report is. Refuses a result that was measured on
+another fitted state (the detector's threshold and components must be the result's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from detectors.storage import META_FILE
+
+THREAT_MODELS = {
+    "white_box": "the attacker knows the model, the detector's fitted state and threshold (and attacks the "
+                 "surrogate of its statistic, GGA left out or by BPDA); success = inside the ball, misclassified, "
+                 "not flagged by the served detector",
+    "transfer": "the attacker knows the recipe, the model and the public second opinion, fits its own detector "
+                "on other samples with another seed, attacks that; the served detector judges",
+}
+
+
+def evaluation_of(result: dict, report: str) -> dict:
+    """The ``evaluation`` entry from an adaptive-suite result (``benchmarks.adaptive`` JSON)."""
+    s = result["settings"]
+    budgets = {}
+    for budget, run in result["runs"].items():
+        attacks = {name: round(a["robust_detection"], 4) for name, a in run["attacks"].items()}
+        budgets[budget] = {"n": run["n"], "n_correct": run["n_correct"],
+                           "clean_flag_rate": round(run["clean_flag_rate"], 4), "robust_detection": attacks}
+    return {
+        "kind": "adaptive attacks (benchmarks/adaptive)",
+        "threat_models": THREAT_MODELS,
+        "data": s["data"], "split": s["split"], "steps_for": s["steps_for"], "gga_in_surrogate": s["gga"],
+        "budgets": budgets,
+        "metric": "robust detection = 1 - (correctly classified inputs with a misclassified, unflagged point "
+                  "inside the ball) / (correctly classified inputs), at the served threshold",
+        "report": report,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--detector", type=Path, required=True, help="a saved detector folder")
+    p.add_argument("--result", type=Path, required=True, help="the suite's JSON for that detector")
+    args = p.parse_args(argv)
+    result = json.loads(args.result.read_text())
+    meta_path = args.detector / META_FILE
+    meta = json.loads(meta_path.read_text())
+    measured = result["detector"]
+    if measured["components"] != meta["components"] or not math.isclose(
+            measured["threshold"], meta["fit"]["threshold"], rel_tol=0, abs_tol=1e-12):
+        raise SystemExit(f"{args.result} was measured on another fitted state (threshold {measured['threshold']}, "
+                         f"components {measured['components']}) than {args.detector} "
+                         f"(threshold {meta['fit']['threshold']}, components {meta['components']})")
+    meta["evaluation"] = evaluation_of(result, str(args.result.with_suffix(".md")))
+    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+    print(json.dumps(meta["evaluation"], indent=2))
+
+
+if __name__ == "__main__":
+    main()
