@@ -1,5 +1,6 @@
 """The adaptive attack suite on a tiny model and a tiny composite fitted here."""
 
+import json
 import math
 
 import pytest
@@ -191,14 +192,14 @@ def test_attach_writes_the_evaluation_into_the_saved_json_and_load_keeps_it(setu
     model, det, _, _ = setup
     det.save(tmp_path / "det")
     tensors_before = (tmp_path / "det" / "detector.safetensors").read_bytes()
-    run = {"n": 200, "n_correct": 198, "clean_flag_rate": 0.045,
-           "attacks": {"cw": {"broken": 10, "robust_detection": 188 / 198}, "best_of_all": {"broken": 12,
-                                                                                            "robust_detection": 186 / 198}}}
+    attacks = {"cw": {"broken": 10, "robust_detection": 188 / 198},
+               "best_of_all": {"broken": 12, "robust_detection": 186 / 198}}
+    run = {"n": 200, "n_correct": 198, "clean_flag_rate": 0.045, "attacks": attacks}
     result = {"settings": {"data": "mnist", "split": "test", "steps_for": "cw=100x2", "gga": "omit"},
               "runs": {"linf:0.3": run},
               "detector": {"components": det.components, "threshold": det.threshold}}
     path = tmp_path / "r.json"
-    path.write_text(__import__("json").dumps(result))
+    path.write_text(json.dumps(result))
     attach.main(["--detector", str(tmp_path / "det"), "--result", str(path)])
     loaded = load_detector(tmp_path / "det", model)
     ev = loaded.evaluation
@@ -208,7 +209,7 @@ def test_attach_writes_the_evaluation_into_the_saved_json_and_load_keeps_it(setu
     assert (tmp_path / "det" / "detector.safetensors").read_bytes() == tensors_before
     # a result measured on another fitted state is refused; a refit drops the evaluation
     result["detector"]["threshold"] = det.threshold + 1.0
-    path.write_text(__import__("json").dumps(result))
+    path.write_text(json.dumps(result))
     with pytest.raises(SystemExit, match="measured on another fitted state"):
         attach.main(["--detector", str(tmp_path / "det"), "--result", str(path)])
     x = torch.rand(300, 8, generator=torch.Generator().manual_seed(11))
