@@ -163,7 +163,10 @@ class PredictResult:
     ``score`` is NaN where the service returns none; ``top_classes`` is (B, k) class indices,
     best first; ``csm`` is (B, N, N) when asked for, else None; ``warnings`` lists the samples
     outside the model card's value range (``{"sample", "message"}``, only under the card's
-    ``warn`` policy); ``raw`` is the JSON answer.
+    ``warn`` policy); ``raw`` is the JSON answer. ``prediction_set`` holds each sample's conformal
+    set (class indices, may be empty) and ``prediction_set_names`` their names, None when the detector
+    has no sets; ``accept`` is bool (B,), the selective gate (False whenever flagged), None when the
+    detector has no gate.
     """
 
     labels: np.ndarray
@@ -179,6 +182,9 @@ class PredictResult:
     alpha: float
     warnings: list[dict]
     raw: dict = field(repr=False)
+    prediction_set: list[list[int]] | None = None
+    prediction_set_names: list[list[str]] | None = None
+    accept: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -205,6 +211,12 @@ def _parse_predict(doc: dict) -> PredictResult:
         alpha=doc.get("alpha", float("nan")),
         warnings=list(doc.get("warnings") or []),
         raw=doc,
+        prediction_set=[list(r["prediction_set"]) for r in rows]
+        if rows and all(r.get("prediction_set") is not None for r in rows) else None,
+        prediction_set_names=[list(r["prediction_set_names"]) for r in rows]
+        if rows and all(r.get("prediction_set_names") is not None for r in rows) else None,
+        accept=np.array([r["accept"] for r in rows], dtype=bool)
+        if rows and all(r.get("accept") is not None for r in rows) else None,
     )
 
 
