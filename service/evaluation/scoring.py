@@ -43,6 +43,8 @@ class SetScores:
     csm_classes: list[int] = field(default_factory=list)  # the classes of its rows/columns (as far as known)
     nonfinite_scores: int = 0  # scores the service returned as null (counted as +inf)
     range_warnings: int = 0  # samples the service scored with a value-range warning (the card's 'warn' policy)
+    prediction_set: list[list[int]] | None = None  # each sample's conformal set (None: the detector has none)
+    accept: np.ndarray | None = None  # bool, the selective gate (None: the detector has no gate)
 
 
 class LocalScorer:
@@ -113,9 +115,12 @@ class LocalScorer:
     def score(self, x: np.ndarray, return_csm: bool) -> dict:
         out = self.detector.score(self._torch.from_numpy(x).to(self.device), return_csm=return_csm)
         trust = out.trust.double().numpy()
+        flagged = trust < self.alpha
+        sets = None if out.prediction_set is None else [np.flatnonzero(m).tolist() for m in out.prediction_set.numpy()]
+        accept = None if out.accept is None else out.accept.numpy() & ~flagged  # as the server: never when flagged
         return {"label": out.label.numpy().astype(np.int64), "score": out.score.double().numpy(), "trust": trust,
-                "flagged": trust < self.alpha, "top_classes": out.top_classes.numpy(),
-                "csm": None if out.csm is None else out.csm.float().numpy()}
+                "flagged": flagged, "top_classes": out.top_classes.numpy(),
+                "csm": None if out.csm is None else out.csm.float().numpy(), "prediction_set": sets, "accept": accept}
 
     def close(self) -> None:
         pass
@@ -184,7 +189,8 @@ class RemoteScorer:
         if len(res) != len(x):
             raise EvalFailed(f"/predict answered {len(res)} rows for {len(x)} samples of {self._set}")
         return {"label": res.labels, "score": res.score, "trust": res.trust, "flagged": res.flagged,
-                "top_classes": res.top_classes, "csm": res.csm, "warnings": len(res.warnings)}
+                "top_classes": res.top_classes, "csm": res.csm, "warnings": len(res.warnings),
+                "prediction_set": res.prediction_set, "accept": res.accept}
 
     def close(self) -> None:
         self.client.close()
@@ -220,4 +226,7 @@ def score_set(scorer, ds: DataSet, batch_size: int, progress: bool) -> SetScores
         trust=np.concatenate([p["trust"] for p in parts]).astype(np.float64),
         flagged=np.concatenate([p["flagged"] for p in parts]).astype(bool), csm=csm,
         csm_classes=[int(c) for c in first["top_classes"][0]] if csm is not None else [],
-        nonfinite_scores=nonfinite, range_warnings=sum(p.get("warnings", 0) for p in parts))
+        nonfinite_scores=nonfinite, range_warnings=sum(p.get("warnings", 0) for p in parts),
+        prediction_set=None if any(p.get("prediction_set") is None for p in parts)
+        else [s for p in parts for s in p["prediction_set"]],
+        accept=None if any(p.get("accept") is None for p in parts) else np.concatenate([p["accept"] for p in parts]))
