@@ -163,13 +163,13 @@ def main(argv: list[str] | None = None) -> int:
         log.debug("gga-eval failed", exc_info=True)
         print(f"gga-eval: evaluation failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    print(f"gga-eval: report written to {doc['report']}", file=sys.stderr)
     dec = doc["clean"].get("decisions")
     if dec:
         fmt = (lambda v: "n/a" if v is None else f"{v:.4f}")
         print(f"gga-eval: prediction sets on the clean set: coverage {fmt(dec.get('set_coverage'))}, mean size "
               f"{fmt(dec.get('mean_set_size'))}; accept rate {fmt(dec.get('accept_rate'))}, selective risk "
               f"{fmt(dec.get('selective_risk'))}", file=sys.stderr)
+    print(f"gga-eval: report written to {doc['report']}", file=sys.stderr)
     return EXIT_OK
 
 
