@@ -153,6 +153,35 @@ def measure_serial(args, servers: dict[str, Server], x: np.ndarray, result: dict
                                              for lab, r in res.items()))
 
 
+def measure_v2_vs_npy(args, srv: Server, x: np.ndarray, result: dict) -> None:
+    """The Open Inference Protocol's binary requests against native ``.npy`` bodies on one server: closed loops
+    of ``--v2-clients`` clients, alternating slices (ABBA...) so that drift hits both alike; pooled rows/s, ratio."""
+    c = args.v2_clients
+    bodies = {fmt: request_bodies(x, args.rows, fmt, "127.0.0.1", srv.port) for fmt in ("npy", "v2")}
+    acc = {fmt: {"rows": 0.0, "seconds": 0.0, "per_slice": [], "p50_ms": [], "statuses": {}} for fmt in bodies}
+    for rep in range(args.v2_reps):
+        for fmt in (("npy", "v2") if rep % 2 == 0 else ("v2", "npy")):
+            r = asyncio.run(closed_loop("127.0.0.1", srv.port, bodies[fmt], c, args.warmup_s, args.closed_s,
+                                        args.rows, srv.pid))
+            a = acc[fmt]  # rows/s counts 200s only; the statuses (503: shed by admission, alike for both) are kept
+            for k, n in r["statuses"].items():
+                a["statuses"][k] = a["statuses"].get(k, 0) + n
+            a["rows"] += r["rows_per_s"] * args.closed_s
+            a["seconds"] += args.closed_s
+            a["per_slice"].append(r["rows_per_s"])
+            a["p50_ms"].append(r["p50_ms"])
+    out = {fmt: {"rows_per_s": a["rows"] / a["seconds"], "rows_per_s_per_slice": a["per_slice"],
+                 "p50_ms_per_slice": a["p50_ms"], "statuses": a["statuses"]} for fmt, a in acc.items()}
+    out.update(clients=c, rows=args.rows, reps=args.v2_reps, slice_s=args.closed_s,
+               ratio=out["v2"]["rows_per_s"] / out["npy"]["rows_per_s"])
+    result["v2_vs_npy"] = out
+    log(f"v2 binary vs native npy, {c} clients of {args.rows} row(s), {args.v2_reps} alternations of "
+        f"{args.closed_s:g} s: {out['v2']['rows_per_s']:.1f} vs {out['npy']['rows_per_s']:.1f} rows/s = "
+        f"{out['ratio']:.3f}x (per slice v2 {', '.join(f'{v:.0f}' for v in out['v2']['rows_per_s_per_slice'])}; "
+        f"npy {', '.join(f'{v:.0f}' for v in out['npy']['rows_per_s_per_slice'])}; statuses v2 "
+        f"{out['v2']['statuses']}, npy {out['npy']['statuses']})")
+
+
 def sweep_service(label: str, args, srv: Server, cfg: dict, x: np.ndarray, loops: str) -> None:
     """The closed-loop sweep (``loops="closed"``) or the open-loop sweep (``"open"``, after the closed one)."""
     port = srv.port
@@ -251,7 +280,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--clients", type=ints, help="closed-loop concurrencies (full: 1,8,64,256; quick: 1,8)")
     p.add_argument("--rates", type=floats, help="open-loop rates as multiples of the closed-loop capacity "
                    "(full: 0.5,1,2,3; quick: 2; empty: no open loop)")
-    p.add_argument("--formats", type=strs, default=("npy", "json"), help="request bodies: npy,json")
+    p.add_argument("--formats", type=strs, default=("npy", "json"), help="request bodies: npy,json,png,v2 (png: PNG "
+                   "images, multipart for several rows; v2: the Open Inference Protocol's binary requests; with npy "
+                   "also the alternating v2 vs npy comparison)")
+    p.add_argument("--v2-clients", type=int, default=64, help="clients of the v2 vs npy comparison")
+    p.add_argument("--v2-reps", type=int, default=4, help="alternations (ABBA order) of the v2 vs npy comparison")
     p.add_argument("--configs", type=strs, default=("default", "batch1"),
                    help="service configurations: default (its settings) and batch1 (GGA_MAX_BATCH_ROWS=1)")
     p.add_argument("--rows", type=int, default=1, help="rows (images) per request")
@@ -280,7 +313,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.strategy is None and args.quick:
         args.strategy = "device"
     for fmt in args.formats:
-        if fmt not in ("npy", "json"):
+        if fmt not in ("npy", "json", "png", "v2"):
             p.error(f"unknown format {fmt!r}")
     for c in args.configs:
         if c not in ("default", "batch1"):
@@ -338,6 +371,8 @@ def _run(args: argparse.Namespace, pin: Pinning, cmd: str) -> dict:
             if len(servers) > 1 and 1 in args.clients:
                 measure_serial(args, servers, x, result)
             for label, srv in servers.items():
+                if label == "default" and {"npy", "v2"} <= set(args.formats):
+                    measure_v2_vs_npy(args, srv, x, result)
                 sweep_service(label, args, srv, result["configs"][label], x, "closed")
                 if label == "default" and not args.quick:  # the ceiling again, right after the saturation points
                     measure_ceiling(args, pin, envs["default"], result["configs"]["default"], len(x), result)
@@ -353,13 +388,29 @@ def _run(args: argparse.Namespace, pin: Pinning, cmd: str) -> dict:
     result["machine"]["loadavg_end"] = os.getloadavg()
     result["wall_s"] = time.perf_counter() - t0
     result["targets"] = targets(result, list(args.formats))
+    result["png_vs_npy"] = png_vs_npy(result)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "load.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     md = markdown(result)
     (args.out_dir / "load.md").write_text(md)
     print(md)
+    for line in result["png_vs_npy"]:
+        print(line)
     log(f"wrote {args.out_dir / 'load.json'} and load.md in {result['wall_s']:.0f} s")
     return result
+
+
+def png_vs_npy(result: dict) -> list[str]:
+    """Closed-loop throughput of PNG bodies over npy bodies, per configuration and client count, in this run."""
+    lines = []
+    for label, cfg in result.get("configs", {}).items():
+        closed = cfg.get("closed", {})
+        for c, r in closed.get("png", {}).items():
+            npy = closed.get("npy", {}).get(c)
+            if npy and npy["rows_per_s"]:
+                lines.append(f"[{label}] PNG vs npy bodies, {c} clients: {r['rows_per_s']:.1f} / "
+                             f"{npy['rows_per_s']:.1f} rows/s = {r['rows_per_s'] / npy['rows_per_s']:.2f}x")
+    return lines
 
 
 if __name__ == "__main__":

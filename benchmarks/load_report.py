@@ -7,7 +7,7 @@ import math
 from benchmarks.harness import fmt_value
 
 TARGETS = {"saturation_vs_ceiling": 0.85, "serial_vs_batch1": 0.95, "serial_p50_delta_ms": 1.0,
-           "batching_gain": 1.7}
+           "batching_gain": 1.7, "v2_vs_npy": 0.95}
 
 
 def statuses_text(counts: dict[str, int]) -> str:
@@ -80,6 +80,12 @@ def targets(result: dict, formats: list[str]) -> list[dict]:
                                     f"{lsat[0]:.0f} at {lsat[1]}); p99 ms by clients, service vs LitServe: {p99s}"
                                     + (f" (not lower at {', '.join(worse)} clients)" if worse else ""),
                         "value": v, "met": v >= 1.0 and not worse})
+    v2 = result.get("v2_vs_npy")
+    if v2:  # issue 18: the Open Inference Protocol's binary requests against native .npy bodies
+        out.append({"target": f"v2 binary >= 0.95x native npy, {v2['clients']} clients of {v2['rows']} row(s)",
+                    "format": "v2", "value": v2["ratio"], "met": v2["ratio"] >= TARGETS["v2_vs_npy"],
+                    "measured": f"{v2['ratio']:.3f}x ({v2['v2']['rows_per_s']:.1f} vs {v2['npy']['rows_per_s']:.1f} "
+                                f"rows/s, {v2['reps']} alternations of {v2['slice_s']:g} s)"})
     return out
 
 

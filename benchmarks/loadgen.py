@@ -11,7 +11,8 @@ Used by :mod:`benchmarks.load` and :mod:`benchmarks.overload`, through the names
 - :class:`Pinning` (server and client on separate cores with ``taskset``) and
   :func:`client_side` (this process as the load client);
 - :func:`load_inputs` (MNIST test images), :func:`request_bodies` (raw ``/predict`` requests with
-  ``.npy`` or JSON bodies) and :func:`npy_bytes` (an ``.npy`` body).
+  ``.npy`` or JSON bodies, or v2 binary inference requests: :func:`v2_request`) and :func:`npy_bytes`
+  (an ``.npy`` body).
 
 CPU use of every point is measured by :class:`benchmarks.cpustat.CpuMeter`.
 """
@@ -36,7 +37,7 @@ from benchmarks.serverproc import ROOT
 
 __all__ = ["MNIST_DIR", "Conn", "Pinning", "Record", "client_side", "closed_loop", "http_request", "latency_summary",
            "load_inputs", "no_gc", "npy_bytes", "open_loop", "percentile", "request_bodies", "send_on_schedule",
-           "send_pooled"]
+           "send_pooled", "v2_request"]
 
 MNIST_DIR = ROOT.parent / "shared" / "data" / "mnist"
 
@@ -380,13 +381,50 @@ def npy_bytes(a: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+V2_MODEL = "mnist_cnn"  # the served model card's name: the model of the v2 requests' URL
+
+
+def v2_request(host: str, port: int, part: np.ndarray, model: str = V2_MODEL) -> bytes:
+    """A raw Open Inference Protocol (KServe v2) request of ``part`` with the binary tensor data extension: the
+    JSON inference header, then the float32 bytes; every output asked for in binary (as tritonclient does)."""
+    head = json.dumps({"inputs": [{"name": "input", "shape": list(part.shape), "datatype": "FP32",
+                                   "parameters": {"binary_data_size": part.nbytes}}],
+                       "parameters": {"binary_data_output": True}}, separators=(",", ":")).encode()
+    body = head + np.ascontiguousarray(part, dtype="<f4").tobytes()
+    raw = http_request(host, port, "POST", f"/v2/models/{model}/infer", body, "application/octet-stream")
+    return raw.replace(b"\r\n\r\n", f"\r\nInference-Header-Content-Length: {len(head)}\r\n\r\n".encode(), 1)
+
+
+def png_body(part: np.ndarray) -> tuple[bytes, str]:
+    """Grey-scale rows [n, 1, H, W] in [0, 1] as images: one PNG body (one row) or a multipart body of PNG
+    ``file`` fields (several), with its content type."""
+    from PIL import Image
+
+    pngs = []
+    for row in part:
+        buf = io.BytesIO()
+        Image.fromarray(np.rint(row[0] * 255).astype(np.uint8)).save(buf, format="PNG")
+        pngs.append(buf.getvalue())
+    if len(pngs) == 1:
+        return pngs[0], "image/png"
+    boundary = "gga-load-boundary"
+    body = b"".join(f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{i}.png"\r\n'
+                    f"Content-Type: image/png\r\n\r\n".encode() + png + b"\r\n" for i, png in enumerate(pngs))
+    return body + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
 def request_bodies(x: np.ndarray, rows: int, fmt: str, host: str, port: int, count: int = 256) -> list[bytes]:
     out = []
     for k in range(count):
         i = (k * rows) % (len(x) - rows + 1)
         part = x[i:i + rows]
+        if fmt == "v2":
+            out.append(v2_request(host, port, part))
+            continue
         if fmt == "npy":
             body, ctype = npy_bytes(part), "application/x-npy"
+        elif fmt == "png":
+            body, ctype = png_body(part)
         else:
             body, ctype = json.dumps({"inputs": part.tolist()}).encode(), "application/json"
         out.append(http_request(host, port, "POST", "/predict", body, ctype))

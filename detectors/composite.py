@@ -48,6 +48,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Self
 
 import torch
@@ -63,7 +64,12 @@ from detectors.fitting import BatchRunner, Progress, check_xy, fit_total, map_ba
 from detectors.gaussian import TiedGaussian
 from detectors.loda import LODA
 from detectors.pvalues import ReferenceTails, combine
-from detectors.signals import LayerTap, default_layers, logit_margin
+from detectors.second_opinion import build_second_opinion
+from detectors.second_opinion import check_input_shape as check_second_input
+from detectors.second_opinion import check_name as check_second_opinion
+from detectors.second_opinion import state_of as second_opinion_state
+from detectors.second_opinion import weights_in as second_opinion_weights
+from detectors.signals import LayerTap, class_margin, default_layers, logit_margin
 
 KIND = "composite"
 FORMAT_VERSION = 1
@@ -90,8 +96,15 @@ class CompositeConfig:
     layer_weight: str = "each"
     margin_weight: float = 1.0
     truncation: float = 0.1
+    second_opinion: str | None = None
+    guard_share: float = 0.3
 
     def __post_init__(self) -> None:
+        check_second_opinion(self.second_opinion)
+        if self.second_opinion is not None and self.combine not in ("fisher", "min"):
+            raise ValueError(f"a second opinion needs the fisher or min combiner, got {self.combine!r}")
+        if not 0 < self.guard_share < 1:
+            raise ValueError(f"guard_share must be in (0, 1), got {self.guard_share!r}")
         object.__setattr__(self, "two_sided", tuple(self.two_sided))
         if not set(self.two_sided) <= set(LOGIT_COMPONENTS):
             raise ValueError(f"two_sided may name {LOGIT_COMPONENTS}, got {self.two_sided!r}")
@@ -125,26 +138,32 @@ class CompositeConfig:
 class Signals:
     """What one pass yields for a batch (CPU tensors): logits [B, C], classes [B, N] (top-N,
     predicted first), CSM features [B, 10] (None without GGA), csm [B, N, N] (when asked),
-    layer channel means {name: [B, D]} (empty without layers)."""
+    layer channel means {name: [B, D]} (empty without layers), the second opinion's logits
+    [B, C] (None without one)."""
 
     logits: torch.Tensor
     classes: torch.Tensor
     csm_features: torch.Tensor | None
     layers: dict[str, torch.Tensor] = field(default_factory=dict)
     csm: torch.Tensor | None = None
+    second: torch.Tensor | None = None
 
     def rows(self, index: torch.Tensor) -> Signals:
         return Signals(self.logits[index], self.classes[index],
                        None if self.csm_features is None else self.csm_features[index],
-                       {k: v[index] for k, v in self.layers.items()}, None)
+                       {k: v[index] for k, v in self.layers.items()}, None,
+                       None if self.second is None else self.second[index])
 
     @staticmethod
     def cat(parts: list[Signals]) -> Signals:
         first = parts[0]
-        return Signals(torch.cat([p.logits for p in parts]), torch.cat([p.classes for p in parts]),
-                       None if first.csm_features is None else torch.cat([p.csm_features for p in parts]),
-                       {k: torch.cat([p.layers[k] for p in parts]) for k in first.layers},
-                       None if first.csm is None else torch.cat([p.csm for p in parts]))
+
+        def cat(name: str) -> torch.Tensor | None:
+            return None if getattr(first, name) is None else torch.cat([getattr(p, name) for p in parts])
+
+        return Signals(cat("logits"), cat("classes"), cat("csm_features"),
+                       {k: torch.cat([p.layers[k] for p in parts]) for k in first.layers}, cat("csm"),
+                       cat("second"))
 
 
 @dataclass
@@ -177,12 +196,18 @@ class CompositeDetector(DetectorBase):
                  n_projections: int = 100, seed: int = 0, reference_fraction: float = 0.3,
                  calibration_fraction: float = 0.2, two_sided: tuple[str, ...] = ("energy",),
                  layer_weight: str = "each", margin_weight: float = 1.0, truncation: float = 0.1,
+                 second_opinion: str | None = None, guard_share: float = 0.3,
+                 second_opinion_weights: str | Path | dict[str, torch.Tensor] | None = None,
                  strategy: str = "auto") -> None:
         self.strategy = check_strategy(strategy)
         self.config = CompositeConfig(top_n, alpha, combine, use_gga, use_logits, use_layers,
                                       tuple(layers) if layers is not None and use_layers else None, n_bins,
                                       n_projections, seed, reference_fraction, calibration_fraction, two_sided,
-                                      layer_weight, margin_weight, truncation)
+                                      layer_weight, margin_weight, truncation, second_opinion, guard_share)
+        self.second = (None if second_opinion is None
+                       else build_second_opinion(second_opinion, second_opinion_weights).to(model_device(model)))
+        self._second_checked = False
+        self.main_reference: ReferenceTails | None = None
         self._init_common(model)
         if self.config.layers:
             LayerTap(model, self.config.layers)  # fails now, not at fit time, for unknown layer names
@@ -212,7 +237,7 @@ class CompositeDetector(DetectorBase):
         names = ["gga"] if c.use_gga else []
         names += ["margin", "energy"] if c.use_logits else []
         names += [f"layer:{n}" for n in c.layers or ()]
-        return names
+        return names + (["disagreement"] if c.second_opinion else [])
 
     @property
     def components(self) -> list[str]:
@@ -251,7 +276,21 @@ class CompositeDetector(DetectorBase):
                 if timings is not None:
                     timings["forward"] = timings.get("forward", 0.0) + time.perf_counter() - t0
         layers = tap.features(len(x)) if tap is not None else {}
-        return Signals(logits.detach().cpu(), classes.cpu(), feats, layers, csm)
+        second = self._second_logits(x, timings) if self.second is not None else None
+        return Signals(logits.detach().cpu(), classes.cpu(), feats, layers, csm, second)
+
+    def _second_logits(self, x: torch.Tensor, timings: dict[str, float] | None) -> torch.Tensor:
+        t0 = time.perf_counter()
+        if not self._second_checked:
+            check_second_input(self.config.second_opinion, x)
+            self._second_checked = True
+        if model_device(self.second) != x.device:
+            self.second.to(x.device)
+        with torch.no_grad():
+            r = self.second(x).detach().cpu()
+        if timings is not None:
+            timings["second_opinion"] = timings.get("second_opinion", 0.0) + time.perf_counter() - t0
+        return r
 
     def _signals_batched(self, x: torch.Tensor, batch_size: int, progress: Progress | None, offset: int,
                          total: int, run: BatchRunner | None = None) -> Signals:
@@ -271,6 +310,8 @@ class CompositeDetector(DetectorBase):
         def weight(name: str) -> float:
             if name == "margin":
                 return self.config.margin_weight
+            if name == "disagreement":
+                return 0.0  # thresholded on its own (the guard), never part of the product
             return 1.0 / n_layers if shared and name.startswith("layer:") else 1.0
 
         return torch.tensor([weight(n) for n in names], dtype=torch.float64)
@@ -284,6 +325,8 @@ class CompositeDetector(DetectorBase):
             cols += [-logit_margin(s.logits), energy_score(s.logits)]
         for name in c.layers or ():
             cols.append(self.gaussians[name].score(s.layers[name]))
+        if c.second_opinion:
+            cols.append(-class_margin(s.second, s.classes[:, 0]))
         return torch.stack(cols, dim=1)
 
     def _joint(self, s: Signals, comp: torch.Tensor) -> torch.Tensor:
@@ -303,21 +346,40 @@ class CompositeDetector(DetectorBase):
         """Combined statistic [B] (higher = more anomalous) and the components' log p-values [B, K]."""
         comp = self.component_scores(s)
         log_p = self.reference.log_p(comp)
+        main = self._main_statistic(s, comp, log_p)
+        if self.config.second_opinion is None:
+            return main, log_p
+        return self.guarded(main, log_p[:, -1]), log_p
+
+    def guarded(self, main: torch.Tensor, disagreement_log_p: torch.Tensor) -> torch.Tensor:
+        """The statistic with the second opinion's guard: −log min(p_main / (1 − w), p_dis / w), with
+        p_main the main statistic's p-value against its reference scores and w = ``guard_share``
+        (the part of the flag budget the disagreement gets on its own; a weighted Bonferroni
+        minimum, calibrated conformally like any statistic)."""
+        w = self.config.guard_share
+        main_log_p = self.main_reference.log_p(main[:, None])[:, 0]
+        return torch.maximum(math.log(1.0 - w) - main_log_p, math.log(w) - disagreement_log_p)
+
+    def _main_statistic(self, s: Signals, comp: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
+        """The combination of every component but the disagreement [B]."""
         how = self.config.combine
+        if self.config.second_opinion is not None:
+            comp, log_p = comp[:, :-1], log_p[:, :-1]
+        weights = self.weights[:log_p.shape[1]]
         if how == "fisher" and self.config.truncation < 1:
             # soft truncated product (after Zaykin et al. 2002): a component other than the margin counts
             # only by how far its p-value falls below the truncation point tau: max(0, log(tau / p))
-            keep = torch.tensor([n == "margin" for n in self.component_names])
+            keep = torch.tensor([n == "margin" for n in self.component_names[:log_p.shape[1]]])
             excess = torch.clamp(log_p - math.log(self.config.truncation), max=0.0)
-            return combine(torch.where(keep, log_p, excess), how, self.weights), log_p
+            return combine(torch.where(keep, log_p, excess), how, weights)
         if how in ("fisher", "min"):
-            return combine(log_p, how, self.weights), log_p
+            return combine(log_p, how, weights)
         if how == "sum":
             z = (comp - self.center) / self.scale
             z = torch.where(self.reference.two_sided, z.abs(), z)
-            return (z * self.weights).sum(dim=1), log_p
+            return (z * self.weights).sum(dim=1)
         joint = (self._joint(s, comp) - self.joint_mean) / self.joint_std
-        return self.joint_loda.score(joint), log_p
+        return self.joint_loda.score(joint)
 
     # ------------------------------------------------------------------ fit
 
@@ -375,6 +437,9 @@ class CompositeDetector(DetectorBase):
             joint = self._joint(ref_sig, ref)
             self.joint_mean, self.joint_std = joint.mean(dim=0), _nonzero(joint.std(dim=0))
             self.joint_loda = LODA(c.n_projections, c.n_bins, c.seed).fit((joint - self.joint_mean) / self.joint_std)
+        if c.second_opinion is not None:
+            ref_main = self._main_statistic(ref_sig, ref, self.reference.log_p(ref))
+            self.main_reference = ReferenceTails(ref_main[:, None], torch.tensor([False]))
         cal_stat, _ = self.statistic(cal_sig)
         self.calibration = ConformalCalibration(c.alpha).fit(cal_stat)
         self.fit_decisions(cal_sig.logits, cal_y if separate else y[seeded_permutation(n, c.seed)[:len(cal_stat)]],
@@ -430,6 +495,9 @@ class CompositeDetector(DetectorBase):
         if c.combine == "loda":
             state.update({f"joint.loda.{k}": v for k, v in self.joint_loda.state_dict().items()})
             state.update({"joint.mean": self.joint_mean, "joint.std": self.joint_std})
+        if c.second_opinion is not None:
+            state.update(self.main_reference.state_dict("guard.reference."))
+            state.update(second_opinion_state(self.second))
         state.update(self.calibration.state_dict())
         return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
@@ -450,6 +518,12 @@ class CompositeDetector(DetectorBase):
             if c.combine == "loda":
                 self.joint_loda = LODA(c.n_projections, c.n_bins, c.seed).load_state_dict(_sub(state, "joint.loda."))
                 self.joint_mean, self.joint_std = state["joint.mean"].double(), state["joint.std"].double()
+            if c.second_opinion is not None:
+                self.main_reference = ReferenceTails.from_state_dict(state, "guard.reference.")
+                weights = second_opinion_weights(state)
+                if not weights:
+                    raise ValueError(f"detector state is missing the {c.second_opinion} second opinion's weights")
+                self.second = build_second_opinion(c.second_opinion, weights).to(model_device(self.model))
         except KeyError as exc:
             raise ValueError(f"detector state is missing {exc}") from exc
         k = len(self.component_names)

@@ -6,6 +6,13 @@ distances of the composite detector. With features f_i [n, D] (float64) and labe
     μ_c = mean_{i: y_i = c} f_i,    Σ = (1/n) Σ_i (f_i − μ_{y_i})(f_i − μ_{y_i})ᵀ,
     P = Σ⁺ (Moore–Penrose pseudo-inverse: directions without variance are ignored)
 
+Directions whose variance is below ``RTOL`` (1e-9) times the largest are treated as without
+variance: the features are float32 activations, whose rounding (which differs between CPUs,
+kernels and batch splits, about 1e-7 of a value) puts variances of about 1e-14 of the largest
+into the null space of a rank-deficient layer (e.g. a linear layer wider than its input). Kept,
+their huge precision turned that rounding noise into distances that differed by whole units
+between a batch and its rows.
+
 and the score of f is min_c (f − μ_c)ᵀ P (f − μ_c), higher = more anomalous.
 """
 
@@ -15,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+RTOL = 1e-9  # relative cut-off of the pseudo-inverse (see the module docstring)
 
 def mahalanobis_distances(features: torch.Tensor, means: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
     """d_c(f) = (f − μ_c)ᵀ P (f − μ_c) for features [B, D], means [K, D], precision [D, D] -> [B, K]."""
@@ -51,7 +59,7 @@ class TiedGaussian:
         means = sums / counts[:, None]
         centered = f - means[inverse]
         cov = centered.T @ centered / len(f)
-        return cls(classes, means, torch.linalg.pinv(cov, hermitian=True))
+        return cls(classes, means, torch.linalg.pinv(cov, hermitian=True, rtol=RTOL))
 
     @property
     def dim(self) -> int:

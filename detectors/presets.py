@@ -32,8 +32,11 @@ DEFAULT_PRESET = "composite"
 
 def build_detector(preset: str, model: nn.Module, *, num_classes: int, top_n: int | None = None,
                    alpha: float = 0.05, layers: Sequence[str] | None = None, seed: int = 0,
-                   strategy: str = "auto"):
-    """An unfitted detector of ``preset`` for ``model`` (``num_classes`` outputs)."""
+                   strategy: str = "auto", second_opinion: str | None = None):
+    """An unfitted detector of ``preset`` for ``model`` (``num_classes`` outputs). ``second_opinion``
+    (the composite only; e.g. the model card's ``second_opinion``): a robust classifier of
+    :data:`detectors.second_opinion.SECOND_OPINIONS` whose disagreement with the served label is
+    thresholded on its own (see :mod:`detectors.second_opinion`)."""
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
     if num_classes < 3:
@@ -50,7 +53,8 @@ def build_detector(preset: str, model: nn.Module, *, num_classes: int, top_n: in
         # a TorchScript model hides its layers (no forward hooks): the composite then runs on GGA and the logits
         use_layers = supports_hooks(model)
         det = CompositeDetector(model, top_n=partial, alpha=alpha, use_layers=use_layers,
-                                layers=list(layers) if layers and use_layers else None, seed=seed, strategy=strategy)
+                                layers=list(layers) if layers and use_layers else None, seed=seed, strategy=strategy,
+                                second_opinion=second_opinion)
     det.preset = preset
     return det
 

@@ -31,9 +31,15 @@ def logit_margin(logits: torch.Tensor) -> torch.Tensor:
     z = torch.as_tensor(logits).double()
     if z.dim() != 2 or z.shape[1] < 2:
         raise ValueError(f"logits must be [B, C] with C >= 2, got {tuple(z.shape)}")
-    top = z.argmax(dim=1, keepdim=True)
-    rest = z.scatter(1, top, -torch.inf)
-    return z.gather(1, top)[:, 0] - torch.logsumexp(rest, dim=1)
+    return class_margin(z, z.argmax(dim=1))
+
+
+def class_margin(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """z_t − logsumexp_{j≠t} z_j for logits [B, C] and classes t [B]; float64 [B] (the logit margin
+    when t is the predicted class). Differentiable in the logits."""
+    z = torch.as_tensor(logits).double()
+    t = torch.as_tensor(target).long().to(z.device)[:, None]
+    return z.gather(1, t)[:, 0] - torch.logsumexp(z.scatter(1, t, -torch.inf), dim=1)
 
 
 def supports_hooks(model: nn.Module) -> bool:

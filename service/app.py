@@ -32,6 +32,10 @@ from service.errors import ApiError, envelope, install_error_handlers, internal_
 from service.fitjobs import FitJobManager
 from service.metrics import ServiceMetrics
 from service.models import load_model
+from service.oip import error_response as v2_error
+from service.oip import is_v2, route_label
+from service.oip import router as oip_router
+from service.page import install_page
 from service.reload import ReloadWatcher, SwapGate
 from service.routes import admission_refusal, router
 from service.settings import DEFAULT_MODEL_DIR, Settings
@@ -140,7 +144,8 @@ class StrategySlot(DetectorSlot):
         super().swap(detector, version)
 
 
-UNLIMITED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})  # probes and scrapes are never shed
+# probes and scrapes are never shed
+UNLIMITED_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})
 
 
 class BodyTimeoutError(ApiError):
@@ -227,6 +232,9 @@ class RequestMetrics:
         self._labels: RouteLabels | None = None
 
     def label(self, path: str) -> str:
+        v2 = route_label(path)  # the inference protocol's routes (service.oip): v2_infer, v2_model_metadata, ...
+        if v2 is not None:
+            return v2
         if self._labels is None:  # at the first request: every route is in place by then
             self._labels = RouteLabels([*self.openapi().get("paths", {}), *READER_PATHS])
         return self._labels(path)
@@ -255,13 +263,15 @@ class RequestMetrics:
         limited = path not in UNLIMITED_PATHS
         limit = settings.limits.max_concurrent_requests if settings is not None else None
         if limited and limit is not None and self.active >= limit:
-            await answer(envelope(503, "overloaded", f"too many requests in progress ({self.active}); retry later",
-                                  {"Retry-After": "1"}), 503)
+            message = f"too many requests in progress ({self.active}); retry later"
+            await answer(v2_error(503, message, {"Retry-After": "1"}) if is_v2(path)
+                         else envelope(503, "overloaded", message, {"Retry-After": "1"}), 503)
             return
-        if path == "/predict" and scope["method"] == "POST":
+        if scope["method"] == "POST" and (path == "/predict" or self.label(path) == "v2_infer"):
             refusal = admission_refusal(self.state)
             if refusal is not None:
-                await answer(envelope(refusal.status, refusal.type, refusal.message, refusal.headers), 503)
+                await answer(v2_error(refusal.status, refusal.message, refusal.headers) if is_v2(path)
+                             else envelope(refusal.status, refusal.type, refusal.message, refusal.headers), 503)
                 return
         if path in READER_PATHS and not self._reader(settings, scope):
             await answer(envelope(401, "unauthorized", "this page needs the read token (GGA_READ_TOKEN) or the admin "
@@ -348,7 +358,7 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
             # passes (in batches of at most a request batch) and the strategy measurement of a new top-N
             slot.run = batcher.run_between
             fits = FitJobManager(model, device, store, gate, metrics, num_classes=len(card.class_names),
-                                 feature_layers=card.feature_layers,
+                                 feature_layers=card.feature_layers, second_opinion=card.second_opinion,
                                  batch_size=min(settings.fit.batch_size, batching.max_batch_rows),
                                  run=batcher.run_between)
             watcher = ReloadWatcher(store, model, gate, interval_s=settings.storage.reload_interval_s)
@@ -391,7 +401,9 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
     app.state.settings = settings  # before the lifespan: the request middleware reads its limits
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(oip_router)  # the Open Inference Protocol (KServe v2) on the same batcher and detector
     install_docs(app)
+    install_page(app)
 
     app.add_middleware(RequestMetrics, state=app.state, openapi=app.openapi)
 

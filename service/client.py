@@ -163,10 +163,12 @@ class PredictResult:
     ``score`` is NaN where the service returns none; ``top_classes`` is (B, k) class indices,
     best first; ``csm`` is (B, N, N) when asked for, else None; ``warnings`` lists the samples
     outside the model card's value range (``{"sample", "message"}``, only under the card's
-    ``warn`` policy); ``raw`` is the JSON answer. ``prediction_set`` holds each sample's conformal
-    set (class indices, may be empty) and ``prediction_set_names`` their names, None when the detector
-    has no sets; ``accept`` is bool (B,), the selective gate (False whenever flagged), None when the
-    detector has no gate.
+    ``warn`` policy); with ``explain``, ``components`` names the detector's signals and
+    ``p_values`` is (B, K), each signal's p-value per sample (NaN where none), else both None;
+    ``raw`` is the JSON answer. ``prediction_set`` holds each sample's conformal set (class indices,
+    may be empty) and ``prediction_set_names`` their names, None when the detector has no sets;
+    ``accept`` is bool (B,), the selective gate (False whenever flagged), None when the detector has
+    no gate.
     """
 
     labels: np.ndarray
@@ -182,6 +184,8 @@ class PredictResult:
     alpha: float
     warnings: list[dict]
     raw: dict = field(repr=False)
+    components: list[str] | None = None
+    p_values: np.ndarray | None = None
     prediction_set: list[list[int]] | None = None
     prediction_set_names: list[list[str]] | None = None
     accept: np.ndarray | None = None
@@ -197,6 +201,11 @@ def _parse_predict(doc: dict) -> PredictResult:
     csm = None
     if rows and all(r.get("csm") is not None for r in rows):
         csm = np.array([r["csm"] for r in rows], dtype=np.float64)
+    components = p_values = None
+    if rows and all(r.get("components") is not None for r in rows):
+        components = [c["name"] for c in rows[0]["components"]]
+        p_values = np.array([[np.nan if c["p_value"] is None else c["p_value"] for c in r["components"]]
+                             for r in rows], dtype=np.float64)
     return PredictResult(
         labels=np.array([r["label"] for r in rows], dtype=np.int64),
         label_names=[r["label_name"] for r in rows],
@@ -211,6 +220,8 @@ def _parse_predict(doc: dict) -> PredictResult:
         alpha=doc.get("alpha", float("nan")),
         warnings=list(doc.get("warnings") or []),
         raw=doc,
+        components=components,
+        p_values=p_values,
         prediction_set=[list(r["prediction_set"]) for r in rows]
         if rows and all(r.get("prediction_set") is not None for r in rows) else None,
         prediction_set_names=[list(r["prediction_set_names"]) for r in rows]
@@ -337,10 +348,10 @@ class _Base:
     def _health_call(self) -> _Call:
         return _Call("GET", "/healthz")
 
-    def _predict_call(self, x: np.ndarray, return_csm: bool) -> _Call:
+    def _predict_call(self, x: np.ndarray, return_csm: bool, explain: bool = False) -> _Call:
         batch = self._batch(x, self.input_shape)
         headers = {"content-type": NPY, **self._read_auth()}
-        params = {"return_csm": "true"} if return_csm else None
+        params = {k: "true" for k, on in (("return_csm", return_csm), ("explain", explain)) if on} or None
         return _Call("POST", "/predict", _predict_result,
                      {"content": _npy(batch), "headers": headers, "params": params})
 
@@ -428,11 +439,12 @@ class GGAClient(_Base):
             attempt += 1
             self._sleep(wait)
 
-    def predict(self, x: np.ndarray, return_csm: bool = False) -> PredictResult:
-        """Predictions with trust for a batch (B, *input_shape) or one sample (*input_shape)."""
+    def predict(self, x: np.ndarray, return_csm: bool = False, explain: bool = False) -> PredictResult:
+        """Predictions with trust for a batch (B, *input_shape) or one sample (*input_shape); ``explain``:
+        each detector component's p-value too (``components``, ``p_values``)."""
         if self._needs_shape(x):
             self.input_shape = tuple(self.info()["input_shape"])
-        return self._send(self._predict_call(x, return_csm))
+        return self._send(self._predict_call(x, return_csm, explain))
 
     def info(self) -> dict:
         return self._send(self._info_call())
@@ -505,10 +517,10 @@ class AsyncGGAClient(_Base):
             attempt += 1
             await self._sleep(wait)
 
-    async def predict(self, x: np.ndarray, return_csm: bool = False) -> PredictResult:
+    async def predict(self, x: np.ndarray, return_csm: bool = False, explain: bool = False) -> PredictResult:
         if self._needs_shape(x):
             self.input_shape = tuple((await self.info())["input_shape"])
-        return await self._send(self._predict_call(x, return_csm))
+        return await self._send(self._predict_call(x, return_csm, explain))
 
     async def info(self) -> dict:
         return await self._send(self._info_call())

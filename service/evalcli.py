@@ -2,7 +2,7 @@
 
     gga-eval --in clean.npz --ood fashion=fashion.npz [--ood noise=noise.npz ...]
              (--detector DIR | --url http://host:port [--read-token T]) --out REPORT_DIR
-             [--max-samples N] [--batch-size B] [--no-progress]
+             [--max-samples N] [--batch-size B] [--no-progress] [--explain]
 
 Two ways to reach the detector:
 
@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=64, metavar="B",
                    help="samples per scoring call / per /predict request (default 64)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--explain", action="store_true", help="each detector component's p-value per sample too: "
+                   "<set>.p_values in scores.npz, and per set the share of samples each component puts below "
+                   "alpha in report.json (explain)")
     local = p.add_argument_group("with --detector: the model, as for the server (default: the GGA_* environment)")
     local.add_argument("--model", metavar="SPEC", help="like GGA_MODEL: mnist_cnn, cifar_resnet20, cifar_resnet56, "
                        "torchscript:<path> or factory:<module>:<function>")
@@ -218,10 +221,10 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         for ds in (clean, *ood):
             notes += scorer.check(ds)
         progress = not args.no_progress
-        clean_scores = score_set(scorer, clean, args.batch_size, progress)
+        clean_scores = score_set(scorer, clean, args.batch_size, progress, args.explain)
         scored = []
         for ds in ood:
-            scored.append((ds, score_set(scorer, ds, args.batch_size, progress)))
+            scored.append((ds, score_set(scorer, ds, args.batch_size, progress, args.explain)))
     finally:
         scorer.close()
 
@@ -252,11 +255,25 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
             "detector": det, "tpr": TPR, "coverage": COVERAGE, **results, "figures": figures, "notes": notes,
             "wall_seconds": round(time.perf_counter() - t0, 3),
         }
+        if args.explain:
+            doc["explain"] = _explain_summary(det.get("components"), scorer.alpha, clean_scores, scored)
         report = write_report(args.out, doc, clean, clean_scores, scored)
     except OSError as exc:
         raise EvalFailed(f"cannot write the report into {args.out}: {exc}") from exc
     doc["report"] = str(report)
     return doc
+
+
+def _explain_summary(components, alpha: float, clean_scores, scored) -> dict:
+    """Per set and component: the share of samples whose p-value is below alpha, and the median p-value."""
+    sets = {}
+    for name, sc in (("clean", clean_scores), *((ds.name, s) for ds, s in scored)):
+        if sc.p_values is None:
+            continue
+        p = sc.p_values
+        sets[name] = {c: {"below_alpha": float(np.mean(p[:, k] < alpha)), "median_p": float(np.nanmedian(p[:, k]))}
+                      for k, c in enumerate(components or [])}
+    return {"components": components, "alpha": alpha, "sets": sets}
 
 
 if __name__ == "__main__":

@@ -116,10 +116,12 @@ class FitJob:
 class FitJobManager:
     def __init__(self, model: torch.nn.Module, device: torch.device, store: ArtifactStore, slot: DetectorSlot,
                  metrics: ServiceMetrics, *, num_classes: int, feature_layers: tuple[str, ...] | None,
-                 batch_size: int, on_swap=None, run: BatchRunner | None = None) -> None:
+                 batch_size: int, on_swap=None, run: BatchRunner | None = None,
+                 second_opinion: str | None = None) -> None:
         self.model, self.device, self.store, self.slot, self.metrics = model, device, store, slot, metrics
         self.run = run  # how each fit batch's model pass runs (None: on the job's own thread)
         self.num_classes, self.feature_layers = num_classes, feature_layers
+        self.second_opinion = second_opinion  # the card's robust second opinion (composite fits)
         self.batch_size, self.on_swap = batch_size, on_swap
         self.jobs: dict[str, FitJob] = {}
         self._lock = threading.Lock()
@@ -133,9 +135,15 @@ class FitJobManager:
 
     def build(self, options: FitOptions):
         """The unfitted detector that ``options`` ask for (ValueError when the model cannot take them)."""
+<<<<<<< HEAD
         return options.configure(build_detector(options.preset, self.model, num_classes=self.num_classes,
                                                 top_n=options.top_n, alpha=options.alpha,
                                                 layers=self.feature_layers))
+=======
+        return build_detector(options.preset, self.model, num_classes=self.num_classes, top_n=options.top_n,
+                              alpha=options.alpha, layers=self.feature_layers,
+                              second_opinion=self.second_opinion if options.preset == "composite" else None)
+>>>>>>> main
 
     def submit(self, x: np.ndarray, y: np.ndarray, calibration: tuple[np.ndarray, np.ndarray] | None = None,
                options: FitOptions | None = None) -> FitJob:

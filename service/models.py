@@ -23,7 +23,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from detectors.second_opinion import SECOND_OPINIONS
 from detectors.zoo import ARCHITECTURES
+from service.preprocessing import ImagePreprocessing, PreprocessingError, parse_preprocessing
 from service.settings import DEFAULT_MODEL_DIR, Settings
 
 # the stem and the three stages (chosen on CIFAR-10 validation data, benchmarks/results/REPORT.md)
@@ -33,12 +35,14 @@ CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 BUILTIN_CARDS = {
     "cifar_resnet20": {
         "name": "cifar_resnet20", "input_shape": [3, 32, 32], "class_names": CIFAR10_CLASSES,
-        "preprocessing": "RGB pixels in [0, 1], NCHW; ImageNet mean/std normalisation happens inside the model",
+        "preprocessing": {"description": "RGB pixels in [0, 1], NCHW; ImageNet mean/std normalisation happens "
+                          "inside the model", "color_mode": "RGB", "resize": 32, "interpolation": "bilinear"},
         "feature_layers": CIFAR_RESNET_LAYERS, "value_range": [0.0, 1.0],
     },
     "cifar_resnet56": {
         "name": "cifar_resnet56", "input_shape": [3, 32, 32], "class_names": CIFAR10_CLASSES,
-        "preprocessing": "RGB pixels in [0, 1], NCHW; ImageNet mean/std normalisation happens inside the model",
+        "preprocessing": {"description": "RGB pixels in [0, 1], NCHW; ImageNet mean/std normalisation happens "
+                          "inside the model", "color_mode": "RGB", "resize": 32, "interpolation": "bilinear"},
         "feature_layers": CIFAR_RESNET_LAYERS, "value_range": [0.0, 1.0],
     },
 }
@@ -57,6 +61,8 @@ class ModelCard:
     feature_layers: tuple[str, ...] | None = None  # submodules the composite detector reads; None: found by probe
     value_range: tuple[float, float] | None = None  # the input values the model was trained on
     value_range_policy: str = "reject"  # reject: 422 naming the sample; warn: served with a warning
+    second_opinion: str | None = None  # a robust classifier the composite consults (detectors.second_opinion)
+    preprocessing: ImagePreprocessing | None = None  # image bodies -> samples (service/preprocessing.py); None: none
 
     def check_range(self, x) -> list[tuple[int, float, float]]:
         """Samples of x [B, ...] with values outside ``value_range``: (index, min, max) each, in order."""
@@ -98,10 +104,21 @@ class ModelCard:
         policy = d.get("value_range_policy", "reject")
         if policy not in ("reject", "warn"):
             raise ModelLoadError(f"model card {source}: value_range_policy must be 'reject' or 'warn', got {policy!r}")
+        second = d.get("second_opinion")
+        if second is not None and second not in SECOND_OPINIONS:
+            raise ModelLoadError(f"model card {source}: second_opinion must be one of {sorted(SECOND_OPINIONS)}, "
+                                 f"got {second!r}")
+        if second is not None and tuple(SECOND_OPINIONS[second].input_shape) != shape:
+            raise ModelLoadError(f"model card {source}: the {second} second opinion reads inputs of shape "
+                                 f"{tuple(SECOND_OPINIONS[second].input_shape)}, the model's are {shape}")
+        try:
+            prep = parse_preprocessing(d.get("preprocessing"), shape, value_range)
+        except PreprocessingError as exc:
+            raise ModelLoadError(f"model card {source}: preprocessing: {exc}") from exc
         extra = {k: v for k, v in d.items() if k not in ("input_shape", "class_names", "name")}
         return cls(name=str(d.get("name", source)), input_shape=shape, class_names=names, extra=extra,
                    feature_layers=tuple(layers) if layers else None, value_range=value_range,
-                   value_range_policy=policy)
+                   value_range_policy=policy, second_opinion=second, preprocessing=prep)
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:

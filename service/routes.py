@@ -20,6 +20,7 @@ from service.fitdata import load_npz as _load_npz
 from service.fitdata import read_form
 from service.decisions import FIT_DECISION_FIELDS, decisions_info
 from service.fitjobs import FitBusyError, FitOptions
+from service.images import IMAGE_TYPES, MULTIPART, read_images
 from service.schemas import (
     ErrorResponse,
     FitAccepted,
@@ -42,6 +43,12 @@ _PREDICT_BODY = {
             "application/json": {"schema": PredictRequest.model_json_schema()},
             "application/x-npy": {"schema": {"type": "string", "format": "binary",
                                              "description": "one .npy array (B, *input_shape), float32"}},
+            **{t: {"schema": {"type": "string", "format": "binary", "description": "one image: the model card's "
+                              "preprocessing makes it one sample"}} for t in IMAGE_TYPES},
+            MULTIPART: {"schema": {"type": "object", "properties": {"file": {
+                "type": "array", "items": {"type": "string", "format": "binary"},
+                "description": "PNG, JPEG or WebP images, one prediction per file, in order"}},
+                "required": ["file"]}},
         },
     }
 }
@@ -89,41 +96,51 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 @router.post("/predict", response_model=PredictResponse, responses=_ERRORS, openapi_extra=_PREDICT_BODY,
              summary="Predict and score trust for a batch of samples")
-async def predict(request: Request, return_csm: bool = False) -> Response:
+async def predict(request: Request, return_csm: bool = False, explain: bool = False) -> Response:
     """Each sample's prediction with its GGA trust score and flag.
 
-    Send JSON ``{"inputs": [...], "return_csm": false}`` or an ``application/x-npy``
-    body (then ``?return_csm=true`` asks for the CSM). Full queue: 503 with
-    Retry-After; queue wait beyond the timeout: 504.
+    Send JSON ``{"inputs": [...], "return_csm": false, "explain": false}``, an
+    ``application/x-npy`` body, one image (``image/png``, ``image/jpeg``, ``image/webp``)
+    or several as ``multipart/form-data`` ``file`` fields (then ``?return_csm=true`` asks
+    for the CSM, ``?explain=true`` for each detector component's p-value). Full queue:
+    503 with Retry-After; queue wait beyond the timeout: 504.
     """
     st = request.app.state
     if not getattr(st, "ready", False):
         raise ApiError(503, "unavailable", "the service is starting or stopping")
     ctype = media_type(request.headers.get("content-type"))
-    if ctype != "application/json" and ctype not in NPY_TYPES:
+    if ctype != "application/json" and ctype not in NPY_TYPES and ctype not in IMAGE_TYPES and ctype != MULTIPART:
         raise ApiError(415, "unsupported_media_type", f"content type {ctype or '(none)'!r} is not supported; send "
-                       "application/json ({\"inputs\": [...]}) or application/x-npy (one .npy array)")
+                       "application/json ({\"inputs\": [...]}), application/x-npy (one .npy array), an image "
+                       "(image/png, image/jpeg, image/webp) or multipart/form-data with 'file' fields")
     # (a queue that admits nothing now was answered 503 before routing: RequestMetrics, admission_refusal)
-    body = await _read_body(request, st.settings.limits.max_request_bytes)
     shape = st.card.input_shape
+    if ctype in IMAGE_TYPES or ctype == MULTIPART:
+        body = b""
+        x = await read_images(request, ctype, st.card, st.settings, st.batcher.max_queue_rows)
+    else:
+        body = await _read_body(request, st.settings.limits.max_request_bytes)
     if ctype == "application/json":
         doc = parse_json_body(body)
         flag = doc.get("return_csm", return_csm)
         if not isinstance(flag, bool):
             raise ApiError(422, "invalid_input", '"return_csm" must be true or false')
         return_csm = flag
+        explain = doc.get("explain", explain)
+        if not isinstance(explain, bool):
+            raise ApiError(422, "invalid_input", '"explain" must be true or false')
         if len(body) > OFFLOAD_BYTES:
             x = await run_in_threadpool(decode_json_inputs, doc, shape)
         else:
             x = decode_json_inputs(doc, shape)
-    else:
+    elif ctype in NPY_TYPES:
         x = await run_in_threadpool(decode_npy, body, shape) if len(body) > OFFLOAD_BYTES else decode_npy(body, shape)
     warnings = _range_warnings(st.card, x)
     detector, _ = st.slot.get()
     if detector is None:
         raise ApiError(503, "no_detector", "no fitted detector for this model yet: calibrate one with POST /fit")
     try:
-        rows = await st.batcher.submit(PredictPayload(x, return_csm), len(x), split=split_payload,
+        rows = await st.batcher.submit(PredictPayload(x, return_csm, explain), len(x), split=split_payload,
                                        merge=merge_results)
     except QueueFullError as exc:
         retry = max(1, int(np.ceil(exc.retry_after_s)))
@@ -295,6 +312,7 @@ async def info(request: Request) -> Response:
                      "max_request_bytes": s.limits.max_request_bytes},
         "strategy": st.strategy.info(detector),
         "model_card": st.card.extra,
+        "preprocessing": st.card.preprocessing.describe() if st.card.preprocessing is not None else None,
     })
 
 

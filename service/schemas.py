@@ -19,11 +19,17 @@ class ErrorResponse(BaseModel):
 class PredictRequest(BaseModel):
     inputs: list[Any] = Field(..., description="samples, each a nested list of the model's input shape")
     return_csm: bool = Field(False, description="include each sample's N×N cosine similarity matrix")
+    explain: bool = Field(False, description="include each detector component's p-value per sample")
 
 
 class TopClass(BaseModel):
     label: int
     name: str
+
+
+class ComponentP(BaseModel):
+    name: str
+    p_value: float | None
 
 
 class Prediction(BaseModel):
@@ -44,6 +50,9 @@ class Prediction(BaseModel):
                                 "whenever flagged; null when the detector has no gate (reason in /info)")
     detector_version: str
     csm: list[list[float]] | None = Field(None, description="N×N CSM, predicted class first (on request)")
+    components: list[ComponentP] | None = Field(
+        None, description="with explain: each detector component's p-value (small = that signal finds the sample "
+        "unusual), in the order of /info's detector.components")
 
 
 class RangeWarning(BaseModel):
@@ -109,3 +118,6 @@ class Info(BaseModel):
     alpha: float | None
     batching: dict[str, Any]
     model_card: dict[str, Any]
+    preprocessing: dict[str, Any] | None = Field(
+        None, description="how an image body becomes a sample (the model card's preprocessing, resolved); null: "
+        "the model takes no image bodies")

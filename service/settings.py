@@ -14,7 +14,7 @@ server      the HTTP server: ``host``, ``port``, ``log_level``, ``shutdown_grace
 batching    the queue and the batches: ``max_batch_rows``, ``max_delay_ms``,
             ``max_queue_rows``, ``max_queue_wait_s``, ``request_timeout_s``
 limits      what one client may ask for: ``max_concurrent_requests``, ``max_request_bytes``,
-            ``max_fit_bytes``
+            ``max_fit_bytes``, ``max_image_pixels``
 auth        ``admin_token``, ``read_token``
 fit         new fits: ``preset`` (``GGA_DETECTOR``), ``top_n``, ``alpha`` (``GGA_FIT_ALPHA``),
             ``batch_size`` (``GGA_FIT_BATCH_SIZE``), ``data_dir``
@@ -154,6 +154,10 @@ class LimitSettings(_Group):
     )
     max_request_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest accepted request body")
     max_fit_bytes: int = Field(512 * 1024 * 1024, ge=1024, description="largest accepted /fit upload")
+    max_image_pixels: int = Field(
+        4096 * 4096, ge=1, description="largest image (width x height, as its header declares) that POST /predict "
+        "decodes; a larger one gets 413 before any pixel is decoded (a decompression bomb is a small file)"
+    )
 
 
 class AuthSettings(_Group):
@@ -162,9 +166,9 @@ class AuthSettings(_Group):
         "whitespace is ignored"
     )
     read_token: SecretStr | None = Field(
-        None, description="bearer token for /info and the API docs (/docs, /redoc, /openapi.json; HTTP Basic with "
-        "the token as password also works, for browsers); the admin token opens them too (unset, empty or blank: "
-        "open to all)"
+        None, description="bearer token for /info, the page at / and the API docs (/docs, /redoc, /openapi.json; "
+        "HTTP Basic with the token as password also works, for browsers); the admin token opens them too (unset, "
+        "empty or blank: open to all)"
     )
 
     @field_validator("admin_token", "read_token", mode="before")

@@ -17,6 +17,7 @@ import torch
 from detectors.base import Detector
 from service.batching import BatchInfo, Chunk
 from service.decisions import decision_columns
+from service.explain import component_p_values
 from service.metrics import ServiceMetrics
 from service.models import ModelCard
 
@@ -31,10 +32,11 @@ class NoDetectorError(RuntimeError):
 class PredictPayload:
     x: np.ndarray  # float32 [rows, *input_shape]
     return_csm: bool = False
+    explain: bool = False  # each row with its components' p-values (service/explain.py)
 
 
 def split_payload(p: PredictPayload, start: int, stop: int) -> PredictPayload:
-    return PredictPayload(p.x[start:stop], p.return_csm)
+    return PredictPayload(p.x[start:stop], p.return_csm, p.explain)
 
 
 def merge_results(parts: list[list[dict]]) -> list[dict]:
@@ -72,6 +74,9 @@ class PredictWorker:
             self.metrics.compute_seconds.labels(stage=stage).observe(seconds)
         alpha = self.alpha if self.alpha is not None else detector.alpha
         rows = self._rows(out, version, alpha)
+        if any(it.payload.explain for it in items):
+            for r, comps in zip(rows, component_p_values(detector, out) or [None] * len(rows), strict=True):
+                r["components"] = comps
         n_flagged = sum(r["flagged"] for r in rows)
         self.metrics.rows.inc(len(rows))
         self.metrics.flagged.inc(n_flagged)
@@ -81,9 +86,11 @@ class PredictWorker:
         results, start = [], 0
         for it in items:
             part = rows[start:start + it.rows]
-            if not it.payload.return_csm:
-                for r in part:
+            for r in part:
+                if not it.payload.return_csm:
                     r.pop("csm", None)
+                if not it.payload.explain:
+                    r.pop("components", None)
             results.append(part)
             start += it.rows
         return results

@@ -50,7 +50,7 @@ from detectors.composite import CompositeDetector
 from detectors.csm import _cotangents
 from detectors.energy import energy_score
 from detectors.features import csm_features
-from detectors.signals import logit_margin
+from detectors.signals import class_margin, logit_margin
 
 GGA_MODES = ("omit", "exact", "bpda")
 SIGNS = ("tanh", "identity")
@@ -102,6 +102,17 @@ class Surrogate:
         self.spread = detector.scale  # [K] reference IQR / 1.349
         self.combine, self.truncation = cfg.combine, cfg.truncation
         self.keep = torch.tensor([n == "margin" for n in self.names])
+        # the second opinion's guard (detectors.composite.CompositeDetector.guarded): the disagreement
+        # (last component) is thresholded on its own beside the main statistic's reference p-value
+        self.second = detector.second if cfg.second_opinion else None
+        self.main = torch.tensor([n != "disagreement" for n in self.names])
+        if self.second is not None:
+            mref = detector.main_reference
+            q = torch.quantile(mref.sorted[:, 0], torch.tensor([0.25, 0.75], dtype=torch.float64))
+            iqr = (q[1] - q[0]) / 1.349
+            self.main_tails = (mref.sorted, mref.beta_up, mref.beta_down, mref.two_sided,
+                               torch.where(iqr > 0, iqr, torch.ones_like(iqr)).reshape(1))
+            self.guard_share = cfg.guard_share
         self.gaussians = {name: detector.gaussians[name] for name in self.layer_names}
         self.calibration_scores = detector.calibration.scores
         self.threshold = float(detector.threshold)
@@ -173,16 +184,19 @@ class Surrogate:
             target = z.detach().scatter(1, exclude[:, None], -torch.inf).argmax(dim=1)
         cols = []
         for name in self.names:
-            if name == "gga":
+            if name == "disagreement":
+                label = z.detach().argmax(dim=1) if target is None else target
+                cols.append(-class_margin(self.second(x), label))
+            elif name == "gga":
                 if self.gga == "omit":
                     cols.append(torch.zeros(len(x), dtype=torch.float64))
                 elif self.gga == "exact":
                     cols.append(self._gga_exact(x))
                 else:
                     smooth = self._gga_smooth(x, z)
-                    cols.append(self._gga_exact(x) + smooth - smooth.detach())
+                    cols.append(self._gga_exact(x) + (smooth - smooth.detach()))  # exactly the served value forward
             elif name == "margin":
-                cols.append(-logit_margin(z) if target is None else -_class_margin(z, target))
+                cols.append(-logit_margin(z) if target is None else -class_margin(z, target))
             elif name == "energy":
                 cols.append(energy_score(z))
             else:
@@ -193,60 +207,75 @@ class Surrogate:
     def log_p(self, comp: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
         """Smoothed log p-values [B, K] of component scores [B, K] (see the module docstring)."""
         t = self.temperature if temperature is None else temperature
-        ref, m = self.ref, self.ref.shape[0]
-        log_norm = math.log(m + 1.0)
-        if t == 0:
-            ref_t, s_t = ref.T.contiguous(), comp.detach().T.contiguous()
-            n_up = (m - torch.searchsorted(ref_t, s_t, right=False).T).double()  # #{r >= s}
-            n_down = torch.searchsorted(ref_t, s_t, right=True).T.double()  # #{r <= s}
-        else:
-            # float32 inside the sigmoid (cheaper, and the sums of 0s and 1s stay exact); a tie r_i = s
-            # gets σ(0) = 1/2 from each side and the served count takes it on both: add the other half
-            ref_t, s_t = ref.T.contiguous(), comp.detach().T.contiguous()
-            ties = (torch.searchsorted(ref_t, s_t, right=True) - torch.searchsorted(ref_t, s_t, right=False)).T
-            tk = (t * self.spread)[None, :, None]  # [1, K, 1]
-            diff = ((ref.T[None, :, :] - comp[:, :, None]) / tk).float()  # [B, K, m]
-            up = torch.sigmoid(diff).sum(dim=2).double()
-            n_up = up + 0.5 * ties
-            n_down = (m - up) + 0.5 * ties
-        hi, lo = ref[-1], ref[0]
-        log_up = torch.where(comp > hi, -(comp - hi) / self.beta_up - log_norm, torch.log1p(n_up) - log_norm)
-        log_down = torch.where(comp < lo, -(lo - comp) / self.beta_down - log_norm, torch.log1p(n_down) - log_norm)
-        two = torch.clamp(math.log(2.0) + torch.minimum(log_up, log_down), max=0.0)
-        out = torch.where(self.two_sided, two, log_up)
+        out = _smooth_log_p(comp, (self.ref, self.beta_up, self.beta_down, self.two_sided, self.spread), t)
         if self.gga == "omit" and "gga" in self.names:
             out = out.clone()
             out[:, self.names.index("gga")] = 0.0
         return out
 
-    def combine_log_p(self, log_p: torch.Tensor) -> torch.Tensor:
-        """The served combiner of log p-values [B, K] -> statistic [B]."""
+    def combine_log_p(self, log_p: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
+        """The served combiner of log p-values [B, K] -> statistic [B] (with the second opinion's guard
+        where the detector has one; ``temperature`` smooths the main statistic's p-value there)."""
+        main_log_p = log_p[:, self.main]
         if self.combine == "min":
-            return -log_p.amin(dim=1)
-        if self.truncation < 1:
-            log_p = torch.where(self.keep, log_p, torch.clamp(log_p - math.log(self.truncation), max=0.0))
-        return -2.0 * (log_p * self.weights).sum(dim=1)
+            main = -main_log_p.amin(dim=1)
+        else:
+            if self.truncation < 1:
+                main_log_p = torch.where(self.keep[self.main], main_log_p,
+                                         torch.clamp(main_log_p - math.log(self.truncation), max=0.0))
+            main = -2.0 * (main_log_p * self.weights[self.main]).sum(dim=1)
+        if self.second is None:
+            return main
+        t = self.temperature if temperature is None else temperature
+        lp_main = _smooth_log_p(main[:, None], self.main_tails, t)[:, 0]
+        w = self.guard_share
+        return torch.maximum(math.log(1.0 - w) - lp_main, math.log(w) - log_p[:, -1])
 
     def __call__(self, x: torch.Tensor, temperature: float | None = None, *, target: torch.Tensor | None = None,
                  exclude: torch.Tensor | None = None) -> SurrogateOutput:
-        """The surrogate on x [B, ...]. ``target`` [B]: score the margin for that class (see
-        :meth:`components`); ``exclude`` [B] (e.g. the true labels): target the most likely class
-        other than it at x. ``hard_statistic`` is always the served statistic (predicted class)."""
+        """The surrogate on x [B, ...]. ``target`` [B]: score the margin (and the second opinion's
+        disagreement) for that class (see :meth:`components`); ``exclude`` [B] (e.g. the true labels):
+        target the most likely class other than it at x. ``hard_statistic`` is always the served
+        statistic (predicted class)."""
         z, layers, comp = self.components(x, target, exclude)
         log_p = self.log_p(comp, temperature)
         with torch.no_grad():
             served = comp.detach().clone()
-            if (target is not None or exclude is not None) and "margin" in self.names:
-                served[:, self.names.index("margin")] = -logit_margin(z.detach())
-            hard = self.combine_log_p(self.log_p(served, 0.0))
-        return SurrogateOutput(z, layers, comp, log_p, self.combine_log_p(log_p), hard)
+            if target is not None or exclude is not None:
+                label = z.detach().argmax(dim=1)
+                if "margin" in self.names:
+                    served[:, self.names.index("margin")] = -logit_margin(z.detach())
+                if self.second is not None:
+                    served[:, -1] = -class_margin(self.second(x.detach()), label)
+            hard = self.combine_log_p(self.log_p(served, 0.0), 0.0)
+        return SurrogateOutput(z, layers, comp, log_p, self.combine_log_p(log_p, temperature), hard)
 
 
-def _class_margin(z: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """z_t − logsumexp_{j≠t} z_j [B] in float64 (the served margin when t is the predicted class)."""
-    z = z.double()
-    rest = z.scatter(1, target[:, None], -torch.inf)
-    return z.gather(1, target[:, None])[:, 0] - torch.logsumexp(rest, dim=1)
+def _smooth_log_p(comp: torch.Tensor, tails: tuple, t: float) -> torch.Tensor:
+    """Smoothed log p-values [B, K] of scores [B, K] against ``tails`` = (sorted reference [m, K],
+    beta_up [K], beta_down [K], two_sided [K], spread [K]) at temperature t (0: exact counts)."""
+    ref, beta_up, beta_down, two_sided, spread = tails
+    m = ref.shape[0]
+    log_norm = math.log(m + 1.0)
+    if t == 0:
+        ref_t, s_t = ref.T.contiguous(), comp.detach().T.contiguous()
+        n_up = (m - torch.searchsorted(ref_t, s_t, right=False).T).double()  # #{r >= s}
+        n_down = torch.searchsorted(ref_t, s_t, right=True).T.double()  # #{r <= s}
+    else:
+        # float32 inside the sigmoid (cheaper, and the sums of 0s and 1s stay exact); a tie r_i = s
+        # gets σ(0) = 1/2 from each side and the served count takes it on both: add the other half
+        ref_t, s_t = ref.T.contiguous(), comp.detach().T.contiguous()
+        ties = (torch.searchsorted(ref_t, s_t, right=True) - torch.searchsorted(ref_t, s_t, right=False)).T
+        tk = (t * spread)[None, :, None]  # [1, K, 1]
+        diff = ((ref.T[None, :, :] - comp[:, :, None]) / tk).float()  # [B, K, m]
+        up = torch.sigmoid(diff).sum(dim=2).double()
+        n_up = up + 0.5 * ties
+        n_down = (m - up) + 0.5 * ties
+    hi, lo = ref[-1], ref[0]
+    log_up = torch.where(comp > hi, -(comp - hi) / beta_up - log_norm, torch.log1p(n_up) - log_norm)
+    log_down = torch.where(comp < lo, -(lo - comp) / beta_down - log_norm, torch.log1p(n_down) - log_norm)
+    two = torch.clamp(math.log(2.0) + torch.minimum(log_up, log_down), max=0.0)
+    return torch.where(two_sided, two, log_up)
 
 
 def _cosine(g: torch.Tensor) -> torch.Tensor:

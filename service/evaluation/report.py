@@ -1,6 +1,7 @@
 """The files of a ``gga-eval`` report: ``report.md`` (the table, the command, the date, the detector,
 the figures), ``report.json`` (every number, unrounded; non-finite numbers as null) and
-``scores.npz`` (per set ``<set>.score``, ``.trust``, ``.flagged``, ``.label``, and ``clean.y``).
+``scores.npz`` (per set ``<set>.score``, ``.trust``, ``.flagged``, ``.label``, and ``clean.y``; with
+``--explain`` also ``<set>.p_values``, (n, K) in the order of the report's ``explain.components``).
 """
 
 from __future__ import annotations
@@ -114,6 +115,8 @@ def write_report(out: Path, doc: dict, clean: DataSet, clean_scores: SetScores,
     for name, sc in ((CLEAN, clean_scores), *((ds.name, sc) for ds, sc in scored)):
         arrays.update({f"{name}.score": sc.score, f"{name}.trust": sc.trust, f"{name}.flagged": sc.flagged,
                        f"{name}.label": sc.label})
+        if sc.p_values is not None:
+            arrays[f"{name}.p_values"] = sc.p_values
     if clean.y is not None:
         arrays[f"{CLEAN}.y"] = clean.y
     np.savez(out / "scores.npz", **arrays)

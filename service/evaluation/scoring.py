@@ -43,8 +43,12 @@ class SetScores:
     csm_classes: list[int] = field(default_factory=list)  # the classes of its rows/columns (as far as known)
     nonfinite_scores: int = 0  # scores the service returned as null (counted as +inf)
     range_warnings: int = 0  # samples the service scored with a value-range warning (the card's 'warn' policy)
+<<<<<<< HEAD
     prediction_set: list[list[int]] | None = None  # each sample's conformal set (None: the detector has none)
     accept: np.ndarray | None = None  # bool, the selective gate (None: the detector has no gate)
+=======
+    p_values: np.ndarray | None = None  # with --explain: (n, K), each detector component's p-value per sample
+>>>>>>> main
 
 
 class LocalScorer:
@@ -112,15 +116,25 @@ class LocalScorer:
                              "pixels / 255)")
         return [what + " (the card's policy is 'warn': scored anyway)"]
 
-    def score(self, x: np.ndarray, return_csm: bool) -> dict:
+    def score(self, x: np.ndarray, return_csm: bool, explain: bool = False) -> dict:
+        from service.explain import component_p_values
+
         out = self.detector.score(self._torch.from_numpy(x).to(self.device), return_csm=return_csm)
         trust = out.trust.double().numpy()
+<<<<<<< HEAD
         flagged = trust < self.alpha
         sets = None if out.prediction_set is None else [np.flatnonzero(m).tolist() for m in out.prediction_set.numpy()]
         accept = None if out.accept is None else out.accept.numpy() & ~flagged  # as the server: never when flagged
         return {"label": out.label.numpy().astype(np.int64), "score": out.score.double().numpy(), "trust": trust,
                 "flagged": flagged, "top_classes": out.top_classes.numpy(),
                 "csm": None if out.csm is None else out.csm.float().numpy(), "prediction_set": sets, "accept": accept}
+=======
+        comps = component_p_values(self.detector, out) if explain else None
+        return {"p_values": None if comps is None else _p_matrix(comps),
+                "label": out.label.numpy().astype(np.int64), "score": out.score.double().numpy(), "trust": trust,
+                "flagged": trust < self.alpha, "top_classes": out.top_classes.numpy(),
+                "csm": None if out.csm is None else out.csm.float().numpy()}
+>>>>>>> main
 
     def close(self) -> None:
         pass
@@ -176,9 +190,9 @@ class RemoteScorer:
         self._set = f"{ds.name} ({ds.path})"
         return []
 
-    def score(self, x: np.ndarray, return_csm: bool) -> dict:
+    def score(self, x: np.ndarray, return_csm: bool, explain: bool = False) -> dict:
         try:
-            res = self.client.predict(x, return_csm=return_csm)
+            res = self.client.predict(x, return_csm=return_csm, explain=explain)
         except BadRequest as exc:
             raise UsageError(f"the service refused samples of {self._set}: {exc.status} {exc.type}: {exc.message}"
                              + (" (lower --batch-size)" if exc.status == 413 else "")) from exc
@@ -188,16 +202,27 @@ class RemoteScorer:
             raise EvalFailed(f"/predict failed for {self._set}: {type(exc).__name__}: {exc}") from exc
         if len(res) != len(x):
             raise EvalFailed(f"/predict answered {len(res)} rows for {len(x)} samples of {self._set}")
+<<<<<<< HEAD
         return {"label": res.labels, "score": res.score, "trust": res.trust, "flagged": res.flagged,
                 "top_classes": res.top_classes, "csm": res.csm, "warnings": len(res.warnings),
                 "prediction_set": res.prediction_set, "accept": res.accept}
+=======
+        return {"p_values": res.p_values, "label": res.labels, "score": res.score, "trust": res.trust,
+                "flagged": res.flagged,
+                "top_classes": res.top_classes, "csm": res.csm, "warnings": len(res.warnings)}
+>>>>>>> main
 
     def close(self) -> None:
         self.client.close()
 
 
-def score_set(scorer, ds: DataSet, batch_size: int, progress: bool) -> SetScores:
-    """Score ``ds`` in batches (the first batch with its CSM), with a progress bar on stderr."""
+def _p_matrix(rows: list[list[dict]]) -> np.ndarray:
+    return np.array([[np.nan if c["p_value"] is None else c["p_value"] for c in r] for r in rows], dtype=np.float64)
+
+
+def score_set(scorer, ds: DataSet, batch_size: int, progress: bool, explain: bool = False) -> SetScores:
+    """Score ``ds`` in batches (the first batch with its CSM), with a progress bar on stderr; ``explain``:
+    each detector component's p-value per sample too."""
     from service.fitcli import ProgressBar
 
     bar = ProgressBar(sys.stderr, label=f"scoring {ds.name}") if progress else None
@@ -205,7 +230,7 @@ def score_set(scorer, ds: DataSet, batch_size: int, progress: bool) -> SetScores
     n = len(ds.x)
     try:
         for start in range(0, n, batch_size):
-            parts.append(scorer.score(ds.x[start:start + batch_size], return_csm=(start == 0)))
+            parts.append(scorer.score(ds.x[start:start + batch_size], return_csm=(start == 0), explain=explain))
             if bar is not None:
                 bar(min(start + batch_size, n), n)
     except (UsageError, EvalFailed):
@@ -227,6 +252,11 @@ def score_set(scorer, ds: DataSet, batch_size: int, progress: bool) -> SetScores
         flagged=np.concatenate([p["flagged"] for p in parts]).astype(bool), csm=csm,
         csm_classes=[int(c) for c in first["top_classes"][0]] if csm is not None else [],
         nonfinite_scores=nonfinite, range_warnings=sum(p.get("warnings", 0) for p in parts),
+<<<<<<< HEAD
         prediction_set=None if any(p.get("prediction_set") is None for p in parts)
         else [s for p in parts for s in p["prediction_set"]],
         accept=None if any(p.get("accept") is None for p in parts) else np.concatenate([p["accept"] for p in parts]))
+=======
+        p_values=np.concatenate([p["p_values"] for p in parts]) if explain and all(
+            p.get("p_values") is not None for p in parts) else None)
+>>>>>>> main

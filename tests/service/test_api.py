@@ -74,7 +74,8 @@ def test_info_health_ready_and_openapi(tmp_path):
             assert info["model_card"]["test_accuracy"] >= 0.99
             spec = (await svc.client.get("/openapi.json")).json()
             content = spec["paths"]["/predict"]["post"]["requestBody"]["content"]
-            assert set(content) == {"application/json", "application/x-npy"}
+            assert set(content) == {"application/json", "application/x-npy", "image/png", "image/jpeg", "image/webp",
+                                    "multipart/form-data"}
             assert "422" in spec["paths"]["/predict"]["post"]["responses"]
 
     run(go())

@@ -98,7 +98,7 @@ def _argv(data: dict, out: Path, *extra) -> list:
 def local_run(data) -> dict:
     """One run with the bundled model and detector, progress bars on."""
     out = data["dir"] / "report_local"
-    code, err = _run(_argv(data, out, "--detector", BUNDLED, "--device", "cpu"))
+    code, err = _run(_argv(data, out, "--detector", BUNDLED, "--device", "cpu", "--explain"))
     return {"code": code, "err": err, "out": out}
 
 
@@ -110,7 +110,7 @@ def reference(model, data) -> dict:
     for name, a in data["arrays"].items():
         out = det.score(torch.from_numpy(a["x"]), batch_size=64)
         ref[name] = {"score": out.score.numpy(), "trust": out.trust.numpy(), "flagged": out.flagged.numpy(),
-                     "label": out.label.numpy()}
+                     "label": out.label.numpy(), "p_values": np.exp(out.features.double().numpy())}
     return ref
 
 
@@ -191,6 +191,17 @@ def test_report_numbers_are_the_detectors_own(local_run, reference, data):
 
 
 @pytest.mark.slow
+def test_explain_gives_each_components_p_values(local_run, reference, model):
+    doc, _ = _report(local_run["out"])
+    names = list(load_detector(BUNDLED, model).components)
+    assert doc["explain"]["components"] == names and doc["explain"]["alpha"] == 0.05
+    with np.load(local_run["out"] / "scores.npz") as z:
+        for name in ("clean", *SETS):
+            np.testing.assert_allclose(z[f"{name}.p_values"], reference[name]["p_values"], rtol=1e-6)
+            below = (reference[name]["p_values"] < 0.05).mean(axis=0)
+            assert [doc["explain"]["sets"][name][c]["below_alpha"] for c in names] == pytest.approx(below.tolist())
+
+
 def test_figures_are_valid_pngs(local_run):
     assert local_run["code"] == 0, local_run["err"]
     doc, _ = _report(local_run["out"])
@@ -241,7 +252,7 @@ def test_url_mode_gives_the_same_numbers(local_run, data, tmp_path):
     proc, base = start_server(env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         out = tmp_path / "report_url"
-        code, err = _run(_argv(data, out, "--url", base, "--no-progress"))
+        code, err = _run(_argv(data, out, "--url", base, "--no-progress", "--explain"))
         # pixels in 0..255: the service answers 422 (the card's range), the command exits 2 naming the set
         u8 = _write(tmp_path / "u8.npz", x=np.full((4, 1, 28, 28), 255, np.uint8))
         bad_code, bad_err = _run(["--in", data["paths"]["clean"], "--ood", f"bytes={u8}", "--url", base,
@@ -273,6 +284,12 @@ def test_url_mode_gives_the_same_numbers(local_run, data, tmp_path):
             np.testing.assert_allclose(z[f"{name}.score"], zl[f"{name}.score"], rtol=0, atol=1e-9)
             np.testing.assert_array_equal(z[f"{name}.flagged"], zl[f"{name}.flagged"])
             np.testing.assert_array_equal(z[f"{name}.label"], zl[f"{name}.label"])
+            np.testing.assert_allclose(z[f"{name}.p_values"], zl[f"{name}.p_values"], rtol=1e-9, atol=0)
+    assert doc["explain"]["components"] == ref["explain"]["components"]
+    for name, comps in ref["explain"]["sets"].items():
+        for c, v in comps.items():
+            assert doc["explain"]["sets"][name][c]["below_alpha"] == v["below_alpha"]
+            assert doc["explain"]["sets"][name][c]["median_p"] == pytest.approx(v["median_p"], rel=1e-9)
     assert f"by the service at {base}" in md
     for f in FIGURES:  # the service returns CSMs too
         assert _png_size(out / f)

@@ -28,8 +28,9 @@ def test_every_variable_lands_in_its_group(monkeypatch, tmp_path):
     assert (s.storage.artifact_dir, s.storage.reload_interval_s) == ((tmp_path / "a").resolve(), 0.0)
     # the constructor takes the same names, lower case, without the prefix; they win over the environment
     assert Settings(_env_file=None, max_batch_rows=4, max_queue_rows=4).batching.max_batch_rows == 4
-    # 31 settings, each in one group, every group field reachable by one variable
-    assert len(ENV_NAMES) == 31 == sum(len(cls.model_fields) for cls in GROUPS.values())
+    # 32 settings, each in one group, every group field reachable by one variable
+    assert len(ENV_NAMES) == 32 == sum(len(cls.model_fields) for cls in GROUPS.values())
+    assert ENV_NAMES["GGA_MAX_IMAGE_PIXELS"] == ("limits", "max_image_pixels")
     assert ENV_NAMES["GGA_MAX_BATCH_ROWS"] == ("batching", "max_batch_rows")
     assert ENV_NAMES["GGA_DETECTOR"] == ("fit", "preset") and ENV_NAMES["GGA_SERVE_ALPHA"] == ("model", "alpha")
 
