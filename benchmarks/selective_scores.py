@@ -70,7 +70,7 @@ def mnist_validation(data_dir: Path) -> dict:
             "trust": (t * (n + 1) - 1) / n}  # leave-one-out: these images are the calibration set
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def fluctuation_risk(n: int, risk: float, delta: float) -> float:
     """The largest R with P(Binomial(n, R) > ⌊risk · n⌋) ≤ delta (bisection)."""
     k, lo, hi = math.floor(risk * n), 0.0, risk
@@ -193,10 +193,13 @@ def write_md(r: dict, path: Path) -> None:
             continue
         d = r[key]
         L += [f"## {title}", "", f"Accuracy {d['accuracy']:.4f}.", "",
-              "| score / gate | splits fitted | splits with test risk ≤ 0.01 | median accepted | median risk | max risk |",
+              "| score / gate | splits fitted | splits with test risk ≤ 0.01 | median accepted | median risk "
+              "| max risk |",
               "|---|---|---|---|---|---|"]
         for name, row in d["rows"].items():
-            f = (lambda v: "-" if v is None else f"{v:.4f}")
+            def f(v):
+                return "-" if v is None else f"{v:.4f}"
+
             L.append(f"| {name} | {row['fitted']}/{row['splits']} | {row['risk_ok']}/{row['splits']} | "
                      f"{f(row['median_accepted'])} | {f(row['median_risk'])} | {f(row['max_risk'])} |")
         if "fluctuation_risk" in d:

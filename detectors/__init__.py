@@ -28,8 +28,8 @@ from detectors.base import BaselineDetector, Detector, DetectorBase, Scores
 from detectors.baselines import MSP, ODIN, Energy, Mahalanobis, energy_score, msp_score
 from detectors.calibration import ConformalCalibration, conformal_p_values, conformal_threshold
 from detectors.composite import CompositeConfig, CompositeDetector
-from detectors.decisions import DecisionConfig, Decisions
 from detectors.csm import CSMResult, cosine_similarity_maps, cosine_similarity_matrix
+from detectors.decisions import DecisionConfig, Decisions
 from detectors.features import FEATURE_NAMES, csm_features, gga_features
 from detectors.fingerprint import model_fingerprint
 from detectors.gga import FitStats, GGAConfig, GGADetector, GGAScores

@@ -168,10 +168,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
     dec = doc["clean"].get("decisions")
     if dec:
-        fmt = (lambda v: "n/a" if v is None else f"{v:.4f}")
-        print(f"gga-eval: prediction sets on the clean set: coverage {fmt(dec.get('set_coverage'))}, mean size "
-              f"{fmt(dec.get('mean_set_size'))}; accept rate {fmt(dec.get('accept_rate'))}, selective risk "
-              f"{fmt(dec.get('selective_risk'))}", file=sys.stderr)
+        v = {k: "n/a" if dec.get(k) is None else f"{dec[k]:.4f}"
+             for k in ("set_coverage", "mean_set_size", "accept_rate", "selective_risk")}
+        print(f"gga-eval: prediction sets on the clean set: coverage {v['set_coverage']}, mean size "
+              f"{v['mean_set_size']}; accept rate {v['accept_rate']}, selective risk {v['selective_risk']}",
+              file=sys.stderr)
     print(f"gga-eval: report written to {doc['report']}", file=sys.stderr)
     return EXIT_OK
 

@@ -72,8 +72,9 @@ def render_markdown(doc: dict) -> str:
         lines += ["", "## Prediction sets and the accept gate (clean set)", "",
                   "| set coverage | mean set size | empty sets | accept rate | selective risk | accepted errors |",
                   "|---|---|---|---|---|---|",
-                  f"| {_f(dec.get('set_coverage'))} | {_f(dec.get('mean_set_size'))} | {_f(dec.get('empty_set_share'))} "
-                  f"| {_f(dec.get('accept_rate'))} | {_f(dec.get('selective_risk'))} | {dec.get('accepted_errors', '—')} |",
+                  "| " + " | ".join([_f(dec.get("set_coverage")), _f(dec.get("mean_set_size")),
+                                   _f(dec.get("empty_set_share")), _f(dec.get("accept_rate")),
+                                   _f(dec.get("selective_risk")), str(dec.get("accepted_errors", "—"))]) + " |",
                   "", "Coverage holds for inputs exchangeable with the calibration data (set_alpha, risk_target and "
                   "delta: the detector's /info)."]
     lines += ["", "## Figures", "", "ROC curves of every set against the in-distribution samples:", "",

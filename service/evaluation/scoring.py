@@ -43,12 +43,9 @@ class SetScores:
     csm_classes: list[int] = field(default_factory=list)  # the classes of its rows/columns (as far as known)
     nonfinite_scores: int = 0  # scores the service returned as null (counted as +inf)
     range_warnings: int = 0  # samples the service scored with a value-range warning (the card's 'warn' policy)
-<<<<<<< HEAD
+    p_values: np.ndarray | None = None  # with --explain: (n, K), each detector component's p-value per sample
     prediction_set: list[list[int]] | None = None  # each sample's conformal set (None: the detector has none)
     accept: np.ndarray | None = None  # bool, the selective gate (None: the detector has no gate)
-=======
-    p_values: np.ndarray | None = None  # with --explain: (n, K), each detector component's p-value per sample
->>>>>>> main
 
 
 class LocalScorer:
@@ -121,20 +118,14 @@ class LocalScorer:
 
         out = self.detector.score(self._torch.from_numpy(x).to(self.device), return_csm=return_csm)
         trust = out.trust.double().numpy()
-<<<<<<< HEAD
+        comps = component_p_values(self.detector, out) if explain else None
         flagged = trust < self.alpha
         sets = None if out.prediction_set is None else [np.flatnonzero(m).tolist() for m in out.prediction_set.numpy()]
         accept = None if out.accept is None else out.accept.numpy() & ~flagged  # as the server: never when flagged
-        return {"label": out.label.numpy().astype(np.int64), "score": out.score.double().numpy(), "trust": trust,
-                "flagged": flagged, "top_classes": out.top_classes.numpy(),
-                "csm": None if out.csm is None else out.csm.float().numpy(), "prediction_set": sets, "accept": accept}
-=======
-        comps = component_p_values(self.detector, out) if explain else None
         return {"p_values": None if comps is None else _p_matrix(comps),
                 "label": out.label.numpy().astype(np.int64), "score": out.score.double().numpy(), "trust": trust,
-                "flagged": trust < self.alpha, "top_classes": out.top_classes.numpy(),
-                "csm": None if out.csm is None else out.csm.float().numpy()}
->>>>>>> main
+                "flagged": flagged, "top_classes": out.top_classes.numpy(),
+                "csm": None if out.csm is None else out.csm.float().numpy(), "prediction_set": sets, "accept": accept}
 
     def close(self) -> None:
         pass
@@ -202,15 +193,10 @@ class RemoteScorer:
             raise EvalFailed(f"/predict failed for {self._set}: {type(exc).__name__}: {exc}") from exc
         if len(res) != len(x):
             raise EvalFailed(f"/predict answered {len(res)} rows for {len(x)} samples of {self._set}")
-<<<<<<< HEAD
-        return {"label": res.labels, "score": res.score, "trust": res.trust, "flagged": res.flagged,
-                "top_classes": res.top_classes, "csm": res.csm, "warnings": len(res.warnings),
-                "prediction_set": res.prediction_set, "accept": res.accept}
-=======
         return {"p_values": res.p_values, "label": res.labels, "score": res.score, "trust": res.trust,
                 "flagged": res.flagged,
-                "top_classes": res.top_classes, "csm": res.csm, "warnings": len(res.warnings)}
->>>>>>> main
+                "top_classes": res.top_classes, "csm": res.csm, "warnings": len(res.warnings),
+                "prediction_set": res.prediction_set, "accept": res.accept}
 
     def close(self) -> None:
         self.client.close()
@@ -252,11 +238,8 @@ def score_set(scorer, ds: DataSet, batch_size: int, progress: bool, explain: boo
         flagged=np.concatenate([p["flagged"] for p in parts]).astype(bool), csm=csm,
         csm_classes=[int(c) for c in first["top_classes"][0]] if csm is not None else [],
         nonfinite_scores=nonfinite, range_warnings=sum(p.get("warnings", 0) for p in parts),
-<<<<<<< HEAD
+        p_values=np.concatenate([p["p_values"] for p in parts]) if explain and all(
+            p.get("p_values") is not None for p in parts) else None,
         prediction_set=None if any(p.get("prediction_set") is None for p in parts)
         else [s for p in parts for s in p["prediction_set"]],
         accept=None if any(p.get("accept") is None for p in parts) else np.concatenate([p["accept"] for p in parts]))
-=======
-        p_values=np.concatenate([p["p_values"] for p in parts]) if explain and all(
-            p.get("p_values") is not None for p in parts) else None)
->>>>>>> main

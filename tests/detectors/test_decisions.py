@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from detectors import Decisions, DecisionConfig, load_detector
+from detectors import DecisionConfig, Decisions, load_detector
 from detectors.selective import InsufficientCalibrationError
 from tests.support.threads import one_thread  # noqa: F401 - autouse fixture
 
