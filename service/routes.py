@@ -14,11 +14,11 @@ from detectors.csm import NonFiniteLogitsError
 from detectors.presets import describe
 from service.auth import matches, presented, secret_of
 from service.batching import BatcherClosedError, QueueFullError, QueueTimeoutError, RequestTooLargeError
+from service.decisions import FIT_DECISION_FIELDS, decisions_info
 from service.decode import NPY_TYPES, body_stream, decode_json_inputs, decode_npy, media_type, parse_json_body
 from service.errors import ApiError
 from service.fitdata import load_npz as _load_npz
 from service.fitdata import read_form
-from service.decisions import FIT_DECISION_FIELDS, decisions_info
 from service.fitjobs import FitBusyError, FitOptions
 from service.images import IMAGE_TYPES, MULTIPART, read_images
 from service.schemas import (
