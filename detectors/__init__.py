@@ -19,7 +19,9 @@ GGA alone (Schwinn et al. 2021)::
 Every detector, the baselines (MSP, Energy, ODIN, Mahalanobis) included, follows one
 contract, :class:`Detector` (:mod:`detectors.base`): ``fit``, ``score -> Scores``,
 ``state_dict``/``load_state_dict``, ``metadata``, ``save``/``load``, ``kind``,
-``components``, ``alpha``, ``threshold``.
+``components``, ``alpha``, ``threshold``. Every fit with labelled calibration data also fits
+prediction sets and a selective gate (:mod:`detectors.decisions`): ``out.prediction_set`` (bool
+[B, C]) and ``out.accept`` (bool [B], False whenever flagged).
 """
 
 from detectors.base import BaselineDetector, Detector, DetectorBase, Scores
@@ -27,6 +29,7 @@ from detectors.baselines import MSP, ODIN, Energy, Mahalanobis, energy_score, ms
 from detectors.calibration import ConformalCalibration, conformal_p_values, conformal_threshold
 from detectors.composite import CompositeConfig, CompositeDetector
 from detectors.csm import CSMResult, cosine_similarity_maps, cosine_similarity_matrix
+from detectors.decisions import DecisionConfig, Decisions
 from detectors.features import FEATURE_NAMES, csm_features, gga_features
 from detectors.fingerprint import model_fingerprint
 from detectors.gga import FitStats, GGAConfig, GGADetector, GGAScores
@@ -39,6 +42,8 @@ __all__ = [
     "CSMResult",
     "DEFAULT_PRESET",
     "DETECTORS",
+    "DecisionConfig",
+    "Decisions",
     "FEATURE_NAMES",
     "LODA",
     "MSP",

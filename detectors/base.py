@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from detectors.calibration import ConformalCalibration
+from detectors.decisions import DecisionConfig, Decisions, split_state
 from detectors.fingerprint import model_fingerprint
 from detectors.fitting import BatchRunner, Progress, check_batch_size, map_batches
 from detectors.storage import WrongDetectorKindError, detector_kind, read_meta, read_tensors, write_detector
@@ -65,6 +66,8 @@ class Scores:
     flagged: torch.Tensor | None = None  # bool [B], trust < alpha; None: not calibrated
     features: torch.Tensor | None = None  # float32 [B, d]: GGA's features, the composite's log p-values
     csm: torch.Tensor | None = None  # float32 [B, N, N] when asked for
+    prediction_set: torch.Tensor | None = None  # bool [B, C]: the conformal set (None: no decisions fitted)
+    accept: torch.Tensor | None = None  # bool [B]: the selective gate, False whenever flagged (None: no gate)
 
     @staticmethod
     def cat(parts: list[Scores]) -> Scores:
@@ -168,6 +171,41 @@ class DetectorBase:
     format_version: ClassVar[int]
     stats_type: ClassVar[type]
     strategy: Any = None  # how the CSM's gradient passes run; None for detectors without a CSM
+    decisions: Decisions | None = None  # prediction sets and the selective gate, fitted with the detector
+    decision_config: DecisionConfig | None = None  # None: DecisionConfig() (set_alpha 0.1, risk 0.01, delta 0.05)
+    strict_decisions: bool = False  # True: a gate that cannot meet its bound fails the fit
+
+    def configure_decisions(self, config: DecisionConfig | None = None, *, strict: bool = False,
+                            **options) -> Self:
+        """What the next ``fit`` builds beside the detector (:mod:`detectors.decisions`): a
+        :class:`DecisionConfig` or its fields as keywords. ``strict``: a gate that cannot meet
+        ``risk_target`` at ``delta`` fails the fit (InsufficientCalibrationError, a ValueError) instead of
+        leaving ``accept`` None with the reason in ``decisions.gate_error``."""
+        self.decision_config = config if config is not None else DecisionConfig(**options)
+        self.strict_decisions = bool(strict)
+        return self
+
+    def fit_decisions(self, logits, labels, stat, in_calibration=True) -> None:
+        """The shared fit hook: prediction sets and gate from the calibration split's logits [n, C],
+        labels [n] (None: no decisions) and the detector's statistic [n] of the same samples, after
+        ``self.calibration`` is fitted. ``in_calibration`` (bool or bool [n]): the samples whose statistic
+        is among the calibration scores; their trust is taken leave-one-out, (1 + #{others >= s}) / n,
+        so that it is distributed as a fresh input's."""
+        self.decisions = None
+        if labels is None:
+            return
+        trust = self.calibration.trust(torch.as_tensor(stat, dtype=torch.float64))
+        n = len(self.calibration.scores)
+        loo = (trust * (n + 1) - 1) / n
+        trust = torch.where(torch.as_tensor(in_calibration), loo, trust)
+        self.decisions = Decisions(self.decision_config or DecisionConfig()).fit(
+            logits, labels, trust, self.alpha, strict=self.strict_decisions)
+
+    def decide(self, scores: Scores, logits) -> Scores:
+        """The shared score hook: ``scores`` with ``prediction_set`` and ``accept`` from the batch's logits."""
+        if self.decisions is not None and scores.trust is not None:
+            scores.prediction_set, scores.accept = self.decisions.apply(logits, scores.trust)
+        return scores
 
     def _init_common(self, model: nn.Module) -> None:
         self.model = model
@@ -217,11 +255,14 @@ class DetectorBase:
         return {"kind": self.kind, "preset": self.preset, "format_version": self.format_version,
                 "config": asdict(self.config), **self._metadata_extra(),
                 "model_fingerprint": self.model_fingerprint, "fit": asdict(self.fit_stats),
+                **({"decisions": self.decisions.metadata()} if self.decisions is not None else {}),
                 **({"evaluation": self.evaluation} if self.evaluation is not None else {})}
 
     def save(self, directory: str | Path) -> Path:
         """Write ``detector.safetensors`` and ``detector.json`` into ``directory`` (fsynced)."""
         tensors = self.state_dict()
+        if self.decisions is not None:
+            tensors.update(self.decisions.state_dict())
         meta = self.metadata()
         meta["threshold"] = meta["fit"]["threshold"] if math.isfinite(meta["fit"]["threshold"]) else None
         return write_detector(directory, tensors, meta)
@@ -250,7 +291,10 @@ class DetectorBase:
         if check_fingerprint:
             verify_fingerprint(meta, model, directory)
         det = cls._from_config(model, dict(meta["config"]), **options)
-        det.load_state_dict(read_tensors(directory))
+        own, dec = split_state(read_tensors(directory))
+        det.load_state_dict(own)
+        if meta.get("decisions") is not None:
+            det.decisions = Decisions.from_state(meta["decisions"], dec)
         det.model_fingerprint = meta["model_fingerprint"]
         det.fit_stats = cls.stats_type(**meta["fit"])
         det.preset = meta.get("preset")

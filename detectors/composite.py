@@ -442,6 +442,8 @@ class CompositeDetector(DetectorBase):
             self.main_reference = ReferenceTails(ref_main[:, None], torch.tensor([False]))
         cal_stat, _ = self.statistic(cal_sig)
         self.calibration = ConformalCalibration(c.alpha).fit(cal_stat)
+        self.fit_decisions(cal_sig.logits, cal_y if separate else y[seeded_permutation(n, c.seed)[:len(cal_stat)]],
+                           cal_stat)  # prediction sets and the selective gate (detectors.decisions)
         self.model_fingerprint = model_fingerprint(self.model)
         n_right = int((sig.classes[:, 0] == y).sum())
         if separate and cal_y is not None:
@@ -473,9 +475,9 @@ class CompositeDetector(DetectorBase):
         if timings is not None:
             timings["score"] = timings.get("score", 0.0) + time.perf_counter() - t0
         probs = torch.softmax(s.logits.float(), dim=1)
-        return Scores(label=s.classes[:, 0], confidence=probs.gather(1, s.classes[:, :1])[:, 0],
-                         top_classes=s.classes, score=stat, trust=trust, flagged=trust < self.alpha,
-                         features=log_p.float(), csm=s.csm)
+        return self.decide(Scores(label=s.classes[:, 0], confidence=probs.gather(1, s.classes[:, :1])[:, 0],
+                                  top_classes=s.classes, score=stat, trust=trust, flagged=trust < self.alpha,
+                                  features=log_p.float(), csm=s.csm), s.logits)
 
     # ------------------------------------------------------------------ persistence
 

@@ -137,12 +137,20 @@ class GGADetector(DetectorBase):
         thread, between its batches) and returns its result.
         """
 
-        def one(xb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feats, pred, _ = self._features_logits(x, batch_size, progress, run)
+        return feats, pred
+
+    def _features_logits(self, x, batch_size: int = 256, progress: Progress | None = None,
+                         run: BatchRunner | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`features` plus the logits [B, C] of the same pass."""
+
+        def one(xb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             res = self.csm(xb)
-            return gga_features(res, self.config.include_softmax).cpu(), res.classes[:, 0].cpu()
+            return (gga_features(res, self.config.include_softmax).cpu(), res.classes[:, 0].cpu(),
+                    res.logits.detach().cpu())
 
         parts = map_batches(one, x, batch_size, progress=progress, run=run)
-        return torch.cat([f for f, _ in parts]), torch.cat([lab for _, lab in parts])
+        return tuple(torch.cat([p[i] for p in parts]) for i in range(3))
 
     def fit(self, x: torch.Tensor, y: torch.Tensor, *, calibration: tuple[torch.Tensor, torch.Tensor] | None = None,
             progress: Progress | None = None, run: BatchRunner | None = None, batch_size: int = 256) -> Self:
@@ -160,7 +168,8 @@ class GGADetector(DetectorBase):
         """
         t0 = time.perf_counter()
         total = fit_total(x, calibration)
-        good, n_samples = self._correct_features(x, y, batch_size, shifted_progress(progress, 0, total), run)
+        good, n_samples, _ = self._correct_features(x, y, batch_size, shifted_progress(progress, 0, total), run)
+        cal_all = None  # (features, logits, labels, correct) of every calibration sample, for the decisions
         n_correct = len(good)
         if calibration is None:
             perm = seeded_permutation(n_correct, self.config.seed)
@@ -168,7 +177,7 @@ class GGADetector(DetectorBase):
             n_fit = n_correct - n_cal
             fit_part, cal_part = good[perm[:n_fit]], good[perm[n_fit:]]
         else:
-            cal_part, n_cal_samples = self._correct_features(
+            cal_part, n_cal_samples, cal_all = self._correct_features(
                 *calibration, batch_size, shifted_progress(progress, len(x), total), run)
             fit_part, n_fit, n_cal = good, n_correct, len(cal_part)
             n_samples += n_cal_samples
@@ -189,6 +198,12 @@ class GGADetector(DetectorBase):
         loda = LODA(c.n_projections, c.n_bins, c.seed, c.floor_count).fit((fit_part - mean) / std)
         self.loda, self.feature_mean, self.feature_std = loda, mean, std
         self.calibration = ConformalCalibration(c.alpha).fit(loda.score((cal_part - mean) / std))
+        # prediction sets and the gate need every calibration sample, misclassified ones included: only with
+        # separate calibration data (the split of x holds correctly classified samples alone)
+        self.decisions = None
+        if cal_all is not None:
+            feats, logits, y_cal, correct = cal_all
+            self.fit_decisions(logits, y_cal, loda.score((feats - mean) / std), correct)
         self.model_fingerprint = model_fingerprint(self.model)
         self.evaluation = None  # a new fitted state: no evaluation measured it yet
         self.fit_stats = FitStats(
@@ -197,16 +212,17 @@ class GGADetector(DetectorBase):
         )
         return self
 
-    def _correct_features(self, x, y, batch_size, progress, run=None) -> tuple[torch.Tensor, int]:
-        """Features (float64) of the correctly classified samples of (x, y), and len(x)."""
+    def _correct_features(self, x, y, batch_size, progress, run=None) -> tuple[torch.Tensor, int, tuple]:
+        """Features (float64) of the correctly classified samples of (x, y), len(x), and (features, logits,
+        labels, correct) of every sample."""
         x, y = check_xy(x, y)
-        feats, pred = self.features(x, batch_size, progress, run=run)
+        feats, pred, logits = self._features_logits(x, batch_size, progress, run=run)
         correct = pred == y
         n_correct = int(correct.sum())
         if n_correct < 20:
             raise ValueError(f"only {n_correct} of {len(y)} samples are classified correctly; "
                              "GGA needs at least 20 correctly classified samples to fit")
-        return feats[correct].double(), len(y)
+        return feats[correct].double(), len(y), (feats.double(), logits, y, correct)
 
     def score_features(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """LODA score and trust for precomputed features [B, d] (float64 CPU tensors)."""
@@ -237,11 +253,11 @@ class GGADetector(DetectorBase):
                 timings["score"] = timings.get("score", 0.0) + time.perf_counter() - t1
             probs = torch.softmax(res.logits.float(), dim=1).cpu()
             classes = res.classes.cpu()
-            parts.append(Scores(
+            parts.append(self.decide(Scores(
                 label=classes[:, 0], confidence=probs.gather(1, classes[:, :1])[:, 0], top_classes=classes,
                 score=s, trust=trust, flagged=trust < self.config.alpha, features=feats,
                 csm=res.csm.cpu() if return_csm else None,
-            ))
+            ), res.logits))
         return Scores.cat(parts)
 
     # persistence -------------------------------------------------------------------------

@@ -352,6 +352,7 @@ def create_app(settings: Settings | None = None, registry: CollectorRegistry | N
                 float("nan") if (d := slot.get()[0]) is None else d.alpha)
             metrics.calibration_size.set_function(  # the served detector's m (drift alarm's bound), per scrape
                 lambda: float("nan") if (d := slot.get()[0]) is None else d.metadata()["fit"]["n_calibration"])
+            metrics.watch_gate(lambda: slot.get()[0])  # the accept-rate alarm's expected rate and m
             gate = SwapGate(slot, on_swap=metrics.set_detector_version)  # fit jobs and reloads: newest wins
             # everything that runs the model after startup runs on the compute worker, between batches: fit
             # passes (in batches of at most a request batch) and the strategy measurement of a new top-N

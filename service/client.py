@@ -165,7 +165,10 @@ class PredictResult:
     outside the model card's value range (``{"sample", "message"}``, only under the card's
     ``warn`` policy); with ``explain``, ``components`` names the detector's signals and
     ``p_values`` is (B, K), each signal's p-value per sample (NaN where none), else both None;
-    ``raw`` is the JSON answer.
+    ``raw`` is the JSON answer. ``prediction_set`` holds each sample's conformal set (class indices,
+    may be empty) and ``prediction_set_names`` their names, None when the detector has no sets;
+    ``accept`` is bool (B,), the selective gate (False whenever flagged), None when the detector has
+    no gate.
     """
 
     labels: np.ndarray
@@ -183,6 +186,9 @@ class PredictResult:
     raw: dict = field(repr=False)
     components: list[str] | None = None
     p_values: np.ndarray | None = None
+    prediction_set: list[list[int]] | None = None
+    prediction_set_names: list[list[str]] | None = None
+    accept: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -216,6 +222,12 @@ def _parse_predict(doc: dict) -> PredictResult:
         raw=doc,
         components=components,
         p_values=p_values,
+        prediction_set=[list(r["prediction_set"]) for r in rows]
+        if rows and all(r.get("prediction_set") is not None for r in rows) else None,
+        prediction_set_names=[list(r["prediction_set_names"]) for r in rows]
+        if rows and all(r.get("prediction_set_names") is not None for r in rows) else None,
+        accept=np.array([r["accept"] for r in rows], dtype=bool)
+        if rows and all(r.get("accept") is not None for r in rows) else None,
     )
 
 

@@ -166,6 +166,13 @@ def main(argv: list[str] | None = None) -> int:
         log.debug("gga-eval failed", exc_info=True)
         print(f"gga-eval: evaluation failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    dec = doc["clean"].get("decisions")
+    if dec:
+        v = {k: "n/a" if dec.get(k) is None else f"{dec[k]:.4f}"
+             for k in ("set_coverage", "mean_set_size", "accept_rate", "selective_risk")}
+        print(f"gga-eval: prediction sets on the clean set: coverage {v['set_coverage']}, mean size "
+              f"{v['mean_set_size']}; accept rate {v['accept_rate']}, selective risk {v['selective_risk']}",
+              file=sys.stderr)
     print(f"gga-eval: report written to {doc['report']}", file=sys.stderr)
     return EXIT_OK
 

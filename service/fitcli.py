@@ -145,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classes in the CSM: an integer >= 3, or 'all' (every class of the model); default "
                    "GGA_TOP_N, else the preset's choice (5 for composite and gga, all for paper)")
     p.add_argument("--alpha", type=_alpha, help="flag when trust < alpha (default GGA_ALPHA, else 0.05)")
+    p.add_argument("--set-alpha", type=_alpha, help="prediction sets cover the label with probability >= 1 - "
+                   "set_alpha (default 0.1)")
+    p.add_argument("--risk-target", type=_alpha, help="the accept gate's error rate among accepted predictions "
+                   "(default 0.01; given: the fit fails when the calibration data cannot support it)")
+    p.add_argument("--delta", type=_alpha, help="the gate's bound holds with probability >= 1 - delta (default "
+                   "0.05; given: as --risk-target)")
     p.add_argument("--batch-size", type=int, metavar="B", help="samples per batch (default GGA_FIT_BATCH_SIZE, 256)")
     p.add_argument("--artifact-dir", type=Path, metavar="DIR", help="artifact store (default GGA_ARTIFACT_DIR)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default GGA_DEVICE, else auto")
@@ -200,7 +206,8 @@ def run(args: argparse.Namespace) -> dict:
     top_n = settings.fit.top_n if args.top_n is None else (n_classes if args.top_n == "all" else args.top_n)
     alpha = args.alpha if args.alpha is not None else settings.fit.alpha
     try:
-        options = FitOptions(preset=args.preset or settings.fit.preset, top_n=top_n, alpha=alpha)
+        options = FitOptions(preset=args.preset or settings.fit.preset, top_n=top_n, alpha=alpha,
+                             set_alpha=args.set_alpha, risk_target=args.risk_target, delta=args.delta)
         _build(options, model, card)  # refuse options the model cannot take before reading any data
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
@@ -232,9 +239,9 @@ def run(args: argparse.Namespace) -> dict:
 
 def _build(options: FitOptions, model: torch.nn.Module, card):
     """The unfitted detector, as ``FitJobManager.build`` makes it for ``POST /fit``."""
-    return build_detector(options.preset, model, num_classes=len(card.class_names), top_n=options.top_n,
-                          alpha=options.alpha, layers=card.feature_layers,
-                          second_opinion=card.second_opinion if options.preset == "composite" else None)
+    return options.configure(build_detector(
+        options.preset, model, num_classes=len(card.class_names), top_n=options.top_n, alpha=options.alpha,
+        layers=card.feature_layers, second_opinion=card.second_opinion if options.preset == "composite" else None))
 
 
 def _read_data(data: Path, calibration: Path | None, input_shape: tuple[int, ...], n_classes: int):

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from detectors.base import BatchRunner
+from detectors.decisions import DecisionConfig
 from detectors.presets import PRESETS, build_detector, describe
 from service.artifacts import ArtifactStore
 from service.metrics import ServiceMetrics
@@ -50,6 +51,7 @@ def fit_result(det, version: str, path) -> dict[str, Any]:
         "n_fit": st["n_fit"], "n_calibration": st["n_calibration"], "model_accuracy": st["model_accuracy"],
         "threshold": st["threshold"] if np.isfinite(st["threshold"]) else None, "seconds": st["seconds"],
         **describe(det), "config": meta["config"],
+        "decisions": None if det.decisions is None else det.decisions.info(),
     }
 
 
@@ -64,6 +66,9 @@ class FitOptions:
     preset: str = "composite"
     top_n: int | None = None
     alpha: float = 0.05
+    set_alpha: float | None = None  # prediction sets' miscoverage (None: 0.1)
+    risk_target: float | None = None  # the gate's risk (None: 0.01); given: a gate that cannot meet it fails the fit
+    delta: float | None = None  # the gate's confidence 1 - delta (None: 0.05); given: as risk_target
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -73,6 +78,17 @@ class FitOptions:
             raise ValueError(f"top_n must be an integer >= 3 or null (the preset's choice), got {self.top_n!r}")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float) or not 0 < self.alpha < 1:
             raise ValueError(f"alpha must be a number in (0, 1), e.g. 0.05; got {self.alpha!r}")
+        self.decision_config()  # validates set_alpha, risk_target, delta
+
+    def decision_config(self) -> DecisionConfig:
+        given = {k: getattr(self, k) for k in ("set_alpha", "risk_target", "delta") if getattr(self, k) is not None}
+        return DecisionConfig(**given)
+
+    def configure(self, det):
+        """``det`` with the decisions these options ask for; an explicit risk_target or delta makes the gate
+        strict (the fit fails when the bound cannot be met), the defaults leave accept null with the reason."""
+        return det.configure_decisions(self.decision_config(),
+                                       strict=self.risk_target is not None or self.delta is not None)
 
 
 @dataclass
@@ -119,9 +135,9 @@ class FitJobManager:
 
     def build(self, options: FitOptions):
         """The unfitted detector that ``options`` ask for (ValueError when the model cannot take them)."""
-        return build_detector(options.preset, self.model, num_classes=self.num_classes, top_n=options.top_n,
-                              alpha=options.alpha, layers=self.feature_layers,
-                              second_opinion=self.second_opinion if options.preset == "composite" else None)
+        return options.configure(build_detector(
+            options.preset, self.model, num_classes=self.num_classes, top_n=options.top_n, alpha=options.alpha,
+            layers=self.feature_layers, second_opinion=self.second_opinion if options.preset == "composite" else None))
 
     def submit(self, x: np.ndarray, y: np.ndarray, calibration: tuple[np.ndarray, np.ndarray] | None = None,
                options: FitOptions | None = None) -> FitJob:

@@ -2,7 +2,9 @@
 
 Latency is exported as histograms (aggregatable across replicas, unlike summaries);
 rows vs batches give the mean batch size; detector outputs (flags, trust, version) are
-exported too, so a rising flag rate can raise a drift alert.
+exported too, so a rising flag rate can raise a drift alert; so are the selective gate's accept
+counts (accepted / gated rows: a falling accept rate is a drift signal too) and the sizes of the
+conformal prediction sets.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+SET_SIZE_BUCKETS = (0, 1, 2, 3, 5, 10, 20, 50, 100, 1000)
 TRUST_BUCKETS = (0.001, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 STAGES = ("forward", "gradients", "features", "score")
 
@@ -39,11 +42,43 @@ class ServiceMetrics:
                                       "its conformal p-values", registry=registry)
         self.detector_info = Gauge("gga_detector_info", "the detector version being served (value 1)",
                                    ["version"], registry=registry)
+        self.accepted = Counter("gga_accepted", "rows the selective gate accepted (accept true; never a flagged "
+                                "row)", registry=registry)
+        self.gated = Counter("gga_gated_rows", "rows scored by a detector with an accept gate (the denominator of "
+                             "the accept rate)", registry=registry)
+        self.set_size = Histogram("gga_prediction_set_size", "classes in each row's conformal prediction set",
+                                  buckets=SET_SIZE_BUCKETS, registry=registry)
+        self.accept_expected = Gauge("gga_accept_rate_calibration", "the served gate's accepted fraction on its "
+                                     "calibration data (NaN without a gate): the accept rate of in-distribution "
+                                     "traffic", registry=registry)
+        self.gate_calibration_size = Gauge("gga_gate_calibration_size", "calibration samples the served gate was "
+                                           "fitted on (NaN without a gate)", registry=registry)
         self.fit_jobs = Counter("gga_fit_jobs", "fit jobs by final state", ["state"], registry=registry)
         for stage in STAGES:
             self.compute_seconds.labels(stage=stage)
         for state in ("succeeded", "failed"):
             self.fit_jobs.labels(state=state)
+
+    def observe_decisions(self, rows: list[dict]) -> None:
+        """Accept counts and set sizes of scored rows (rows without a set or a gate are left out)."""
+        gated = [r["accept"] for r in rows if r.get("accept") is not None]
+        if gated:
+            self.gated.inc(len(gated))
+            self.accepted.inc(sum(gated))
+        for r in rows:
+            if r.get("prediction_set") is not None:
+                self.set_size.observe(len(r["prediction_set"]))
+
+    def watch_gate(self, detector_of) -> None:
+        """Read the served gate's calibration accept fraction and size at each scrape (``detector_of()``:
+        the served detector or None)."""
+
+        def gate():
+            return getattr(getattr(detector_of(), "decisions", None), "gate", None)
+
+        self.accept_expected.set_function(lambda: float("nan") if (g := gate()) is None
+                                          else g.n_accepted / g.n_calibration)
+        self.gate_calibration_size.set_function(lambda: float("nan") if (g := gate()) is None else g.n_calibration)
 
     def set_detector_version(self, version: str) -> None:
         self.detector_info.clear()

@@ -14,6 +14,7 @@ from detectors.csm import NonFiniteLogitsError
 from detectors.presets import describe
 from service.auth import matches, presented, secret_of
 from service.batching import BatcherClosedError, QueueFullError, QueueTimeoutError, RequestTooLargeError
+from service.decisions import FIT_DECISION_FIELDS, decisions_info
 from service.decode import NPY_TYPES, body_stream, decode_json_inputs, decode_npy, media_type, parse_json_body
 from service.errors import ApiError
 from service.fitdata import load_npz as _load_npz
@@ -64,7 +65,8 @@ _FIT_BODY = {
                 "top_n": {"type": "string", "description": "classes in the CSM: an integer >= 3 or 'all' "
                           "(default: GGA_TOP_N, else the preset's choice)"},
                 "alpha": {"type": "number", "description": "flag when trust < alpha (default: GGA_FIT_ALPHA, "
-                          "0.05)"}},
+                          "0.05)"},
+                **FIT_DECISION_FIELDS},
                 "required": ["file"]}},
             "application/json": {"schema": FitPathRequest.model_json_schema()},
         },
@@ -234,7 +236,7 @@ async def fit(request: Request) -> Response:
                         headers={"Location": url})
 
 
-FIT_OPTION_FIELDS = ("preset", "top_n", "alpha")
+FIT_OPTION_FIELDS = ("preset", "top_n", "alpha", "set_alpha", "risk_target", "delta")
 
 
 def _fit_options(st, given: dict, *, from_form: bool) -> FitOptions:
@@ -248,7 +250,7 @@ def _fit_options(st, given: dict, *, from_form: bool) -> FitOptions:
             text = value.strip()
             try:
                 value = ("all" if text.lower() == "all" else int(text)) if key == "top_n" else \
-                    float(text) if key == "alpha" else text
+                    float(text) if key in ("alpha", "set_alpha", "risk_target", "delta") else text
             except ValueError as exc:
                 raise ApiError(422, "invalid_option", f"{key} must be a number, got {value!r}") from exc
         if key == "top_n" and value == "all":
@@ -304,6 +306,7 @@ async def info(request: Request) -> Response:
         "detector_version": version,
         "artifact_dir": str(s.storage.artifact_dir),
         "detector": _detector_info(detector),
+        "decisions": decisions_info(detector),
         "alpha": s.model.alpha if s.model.alpha is not None else (detector.alpha if detector else None),
         "batching": {**s.batching.model_dump(), "max_concurrent_requests": s.limits.max_concurrent_requests,
                      "max_request_bytes": s.limits.max_request_bytes},

@@ -41,6 +41,13 @@ class Prediction(BaseModel):
     trust: float = Field(..., description="conformal p-value in (0, 1]: the share of calibration samples that "
                          "scored at least as anomalous")
     flagged: bool = Field(..., description="trust < alpha: do not act on this prediction")
+    prediction_set: list[int] | None = Field(None, description="conformal prediction set: the classes that contain "
+                                             "the true label with probability >= 1 - set_alpha (/info) on "
+                                             "exchangeable (unflagged) inputs; may be empty; null without sets")
+    prediction_set_names: list[str] | None = Field(None, description="the model card's names of prediction_set")
+    accept: bool | None = Field(None, description="the selective gate: act on this prediction automatically "
+                                "(error rate among accepted <= risk_target with confidence 1 - delta); false "
+                                "whenever flagged; null when the detector has no gate (reason in /info)")
     detector_version: str
     csm: list[list[float]] | None = Field(None, description="N×N CSM, predicted class first (on request)")
     components: list[ComponentP] | None = Field(
@@ -92,6 +99,10 @@ class FitPathRequest(BaseModel):
     top_n: int | None = Field(None, ge=3, description="classes in the CSM (default: GGA_TOP_N, else the preset's "
                               "choice: 5 for composite and gga, all for paper)")
     alpha: float | None = Field(None, gt=0, lt=1, description="flag when trust < alpha (default 0.05)")
+    set_alpha: float | None = Field(None, gt=0, lt=1, description="prediction sets' miscoverage (default 0.1)")
+    risk_target: float | None = Field(None, gt=0, lt=1, description="accept gate's risk (default 0.01; given: "
+                                      "the fit fails when the data cannot support it)")
+    delta: float | None = Field(None, gt=0, lt=1, description="accept gate's 1 - confidence (default 0.05)")
 
 
 class Info(BaseModel):
@@ -102,6 +113,8 @@ class Info(BaseModel):
     detector_version: str | None
     artifact_dir: str = Field(description="the artifact store (GGA_ARTIFACT_DIR), absolute")
     detector: dict[str, Any] | None
+    decisions: dict[str, Any] | None = Field(None, description="prediction sets and accept gate: set_alpha, "
+                                             "set_score, risk_target, delta, gate_score, gate_threshold, gate_error")
     alpha: float | None
     batching: dict[str, Any]
     model_card: dict[str, Any]

@@ -16,6 +16,7 @@ import torch
 
 from detectors.base import Detector
 from service.batching import BatchInfo, Chunk
+from service.decisions import decision_columns
 from service.explain import component_p_values
 from service.metrics import ServiceMetrics
 from service.models import ModelCard
@@ -81,6 +82,7 @@ class PredictWorker:
         self.metrics.flagged.inc(n_flagged)
         for r in rows:
             self.metrics.trust.observe(r["trust"])
+        self.metrics.observe_decisions(rows)
         results, start = [], 0
         for it in items:
             part = rows[start:start + it.rows]
@@ -101,6 +103,8 @@ class PredictWorker:
         score = out.score.tolist()
         trust = out.trust.tolist()
         csm = out.csm.tolist() if out.csm is not None else None
+        flagged = [t < alpha for t in trust]
+        sets, set_names, accept = decision_columns(out, names, flagged)
         rows = []
         for i in range(len(label)):
             rows.append({
@@ -110,7 +114,10 @@ class PredictWorker:
                 "top_classes": [{"label": c, "name": names[c] if c < len(names) else str(c)} for c in top[i]],
                 "score": score[i] if math.isfinite(score[i]) else None,
                 "trust": trust[i],
-                "flagged": trust[i] < alpha,
+                "flagged": flagged[i],
+                "prediction_set": sets[i],
+                "prediction_set_names": set_names[i],
+                "accept": accept[i],
                 "detector_version": version,
             })
             if csm is not None:

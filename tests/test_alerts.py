@@ -69,6 +69,30 @@ EXPECTED_EXPRS = {
 }
 
 
+# The accept-rate group (gga-accept): a falling accept rate of the selective gate is a drift signal.
+ACCEPT_ALERT = "GGAAcceptRateBelowCalibration"
+ACCEPT_EXPRS = {
+    "gga:accept_expected": "max by (job) (gga_accept_rate_calibration)",
+    "gga:gate_calibration_size": "max by (job) (gga_gate_calibration_size)",
+    "gga:gated:increase15m": "sum by (job) (increase(gga_gated_rows_total[15m]))",
+    "gga:accepted:increase15m": "sum by (job) (increase(gga_accepted_total[15m]))",
+    "gga:accept_rate:ratio15m": "gga:accepted:increase15m / gga:gated:increase15m",
+    "gga:accept_rate:bound15m": "gga:accept_expected - 3.09 * sqrt(gga:accept_expected * (1 - gga:accept_expected)"
+                                " * (1 / gga:gated:increase15m + 1 / gga:gate_calibration_size))",
+    ACCEPT_ALERT: "gga:accept_rate:ratio15m < gga:accept_rate:bound15m and gga:gated:increase15m * (1 - "
+                  "gga:accept_expected) >= 10",
+}
+
+
+def accept_bound(p: float, n: float, m: float, z: float = Z) -> float:
+    """gga:accept_rate:bound15m: the lowest in-distribution accept rate at the stated false-alarm rate."""
+    return p - z * math.sqrt(p * (1 - p) * (1 / n + 1 / m))
+
+
+def accept_alarm(p: float, n: float, accepted: float, m: float) -> bool:
+    return accepted / n < accept_bound(p, n, m) and n * (1 - p) >= MIN_EXPECTED_FLAGS
+
+
 # --- the rule logic in Python ------------------------------------------------------------
 
 
@@ -304,12 +328,17 @@ def _promtool_test() -> dict:
 
 
 def test_the_rules_are_the_pinned_expressions_in_dependency_order():
-    (group,) = _groups()
-    names = [rule.get("record") or rule["alert"] for rule in group["rules"]]
-    assert names == list(EXPECTED_EXPRS)  # one group, evaluated in order: each rule reads the ones above
+    groups = {g["name"]: g for g in _groups()}
+    assert list(groups) == ["gga-drift", "gga-accept"]
+    for group, pinned in ((groups["gga-drift"], EXPECTED_EXPRS), (groups["gga-accept"], ACCEPT_EXPRS)):
+        names = [rule.get("record") or rule["alert"] for rule in group["rules"]]
+        assert names == list(pinned)  # each group evaluated in order: each rule reads the ones above
     rules = _rules()
-    for name, expr in EXPECTED_EXPRS.items():
+    for name, expr in {**EXPECTED_EXPRS, **ACCEPT_EXPRS}.items():
         assert " ".join(rules[name]["expr"].split()) == expr, name
+    for name in (ACCEPT_ALERT, ALERT):
+        assert _duration_s(rules[name]["for"]) == FOR_S
+        assert rules[name]["labels"] == {"severity": "warning"}
     alert = rules[ALERT]
     assert _duration_s(alert["for"]) == FOR_S
     assert alert["labels"] == {"severity": "warning"}
@@ -652,3 +681,32 @@ def test_alarm_on_the_service_counters_clean_then_out_of_distribution(tmp_path):
     (alpha, m), (alpha2, m2) = run(swapped())
     assert (alpha, m) == (0.2, 500)  # read at each scrape: follows the served detector
     assert math.isnan(alpha2) and math.isnan(m2)  # no detector served: NaN, so no bound and no alert
+
+
+# --- the accept-rate group -------------------------------------------------------------------
+
+
+def test_accept_bound_on_recorded_counter_values():
+    # p = 0.95 accepted on m = 6000 calibration samples, n = 2000 gated rows in 15 minutes
+    b = accept_bound(0.95, 2000, 6000)
+    assert b == pytest.approx(0.95 - 3.09 * math.sqrt(0.95 * 0.05 * (1 / 2000 + 1 / 6000)), abs=1e-15)
+    assert b == pytest.approx(0.932612, abs=1e-6)
+    assert not accept_alarm(0.95, 2000, 1866, 6000)  # 0.933: inside the bound (1865.2 rows)
+    assert accept_alarm(0.95, 2000, 1865, 6000)  # 0.9325: below it
+    assert not accept_alarm(0.95, 150, 100, 6000)  # 7.5 expected rejections: too few rows to judge
+
+
+def test_accept_false_alarm_rate_is_small_on_in_distribution_traffic():
+    # the accept count of in-distribution rows, p drawn as the gate's calibration share (binomial over m)
+    rng = np.random.default_rng(0)
+    p_true, m, n = 0.95, 6000, 2000
+    p_cal = rng.binomial(m, p_true, 20000) / m
+    accepted = rng.binomial(n, p_true, 20000)
+    alarms = np.mean([accept_alarm(p, n, a, m) for p, a in zip(p_cal, accepted, strict=True)])
+    assert alarms < 0.003  # one-sided z = 3.09: about 0.001 per evaluation
+
+
+def test_the_accept_rules_read_metrics_the_service_exposes():
+    exposed = _exposed_sample_names()
+    assert {"gga_accepted_total", "gga_gated_rows_total", "gga_accept_rate_calibration",
+            "gga_gate_calibration_size", "gga_prediction_set_size_bucket"} <= exposed

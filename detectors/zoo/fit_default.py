@@ -9,8 +9,9 @@ the calibration scores come from the 10% validation part the model never trained
 (``--calibration-samples`` of it), so that they are exchangeable with fresh inputs (on
 its training images the model is more confident, and calibrating there flags more than
 alpha of fresh clean inputs). The test set is not touched. Writes
-``<model-dir>/detector/``. The configuration was chosen on validation data, see
-``benchmarks/results/REPORT.md``.
+``<model-dir>/detector/``, with its prediction sets (set_alpha 0.1) and selective gate (risk 0.01,
+delta 0.05), fitted on the same calibration part (``detectors/decisions.py``). The configuration
+was chosen on validation data, see ``benchmarks/results/REPORT.md``.
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     print()
     det.save(args.model_dir / "detector")
     print(json.dumps(det.metadata()["fit"], indent=2))
+    print(json.dumps(det.decisions.info(), indent=2))  # prediction sets and gate (detectors/decisions.py)
 
 
 if __name__ == "__main__":

@@ -67,6 +67,16 @@ def render_markdown(doc: dict) -> str:
                       f"| {clean['accuracy']:.4f} | {m['auroc']:.4f} | {m['aurc']:.4f} | "
                       f"{m['risk_at_95_coverage']:.4f} | {m['n_right']} | {m['n_wrong']} |", "",
                       "AURC and risk: accept the lowest scores first; lower is better."]
+    dec = clean.get("decisions")
+    if dec:
+        lines += ["", "## Prediction sets and the accept gate (clean set)", "",
+                  "| set coverage | mean set size | empty sets | accept rate | selective risk | accepted errors |",
+                  "|---|---|---|---|---|---|",
+                  "| " + " | ".join([_f(dec.get("set_coverage")), _f(dec.get("mean_set_size")),
+                                   _f(dec.get("empty_set_share")), _f(dec.get("accept_rate")),
+                                   _f(dec.get("selective_risk")), str(dec.get("accepted_errors", "—"))]) + " |",
+                  "", "Coverage holds for inputs exchangeable with the calibration data (set_alpha, risk_target and "
+                  "delta: the detector's /info)."]
     lines += ["", "## Figures", "", "ROC curves of every set against the in-distribution samples:", "",
               "![ROC curves](roc.png)", ""]
     figs = set(doc["figures"])

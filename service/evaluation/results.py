@@ -47,9 +47,31 @@ def evaluate(clean: DataSet, clean_scores: SetScores, sets: list[tuple[DataSet, 
     else:
         s_in = clean_scores.score
         out_clean.update(positives="all clean samples", n_positives=len(s_in))
+    out_clean["decisions"] = decisions(clean, clean_scores)
     out_sets = {}
     for ds, sc in sets:
         out_sets[ds.name] = {"file": str(ds.path), "n": len(ds.x), "n_file": ds.n_file,
                              **summarize(s_in, sc.score), "flag_rate": float(np.mean(sc.flagged)),
                              "median_trust": float(np.median(sc.trust))}
     return {"clean": out_clean, "sets": out_sets}
+
+
+def decisions(clean: DataSet, sc: SetScores) -> dict | None:
+    """The served prediction sets and accept gate on the clean set: set coverage (labels needed) and mean
+    size, accepted share and selective risk (labels needed); None when the detector has neither."""
+    if sc.prediction_set is None and sc.accept is None:
+        return None
+    out: dict = {}
+    if sc.prediction_set is not None:
+        sizes = np.array([len(s) for s in sc.prediction_set])
+        out["mean_set_size"] = float(sizes.mean())
+        out["empty_set_share"] = float((sizes == 0).mean())
+        if clean.y is not None:
+            out["set_coverage"] = float(np.mean([int(t) in s for s, t in zip(sc.prediction_set, clean.y, strict=True)]))
+    if sc.accept is not None:
+        out["accept_rate"] = float(np.mean(sc.accept))
+        if clean.y is not None:
+            acc = sc.accept & (sc.label != clean.y)
+            out["accepted_errors"] = int(acc.sum())
+            out["selective_risk"] = float(acc.sum() / max(int(sc.accept.sum()), 1))
+    return out

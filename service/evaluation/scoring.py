@@ -44,6 +44,8 @@ class SetScores:
     nonfinite_scores: int = 0  # scores the service returned as null (counted as +inf)
     range_warnings: int = 0  # samples the service scored with a value-range warning (the card's 'warn' policy)
     p_values: np.ndarray | None = None  # with --explain: (n, K), each detector component's p-value per sample
+    prediction_set: list[list[int]] | None = None  # each sample's conformal set (None: the detector has none)
+    accept: np.ndarray | None = None  # bool, the selective gate (None: the detector has no gate)
 
 
 class LocalScorer:
@@ -117,10 +119,13 @@ class LocalScorer:
         out = self.detector.score(self._torch.from_numpy(x).to(self.device), return_csm=return_csm)
         trust = out.trust.double().numpy()
         comps = component_p_values(self.detector, out) if explain else None
+        flagged = trust < self.alpha
+        sets = None if out.prediction_set is None else [np.flatnonzero(m).tolist() for m in out.prediction_set.numpy()]
+        accept = None if out.accept is None else out.accept.numpy() & ~flagged  # as the server: never when flagged
         return {"p_values": None if comps is None else _p_matrix(comps),
                 "label": out.label.numpy().astype(np.int64), "score": out.score.double().numpy(), "trust": trust,
-                "flagged": trust < self.alpha, "top_classes": out.top_classes.numpy(),
-                "csm": None if out.csm is None else out.csm.float().numpy()}
+                "flagged": flagged, "top_classes": out.top_classes.numpy(),
+                "csm": None if out.csm is None else out.csm.float().numpy(), "prediction_set": sets, "accept": accept}
 
     def close(self) -> None:
         pass
@@ -190,7 +195,8 @@ class RemoteScorer:
             raise EvalFailed(f"/predict answered {len(res)} rows for {len(x)} samples of {self._set}")
         return {"p_values": res.p_values, "label": res.labels, "score": res.score, "trust": res.trust,
                 "flagged": res.flagged,
-                "top_classes": res.top_classes, "csm": res.csm, "warnings": len(res.warnings)}
+                "top_classes": res.top_classes, "csm": res.csm, "warnings": len(res.warnings),
+                "prediction_set": res.prediction_set, "accept": res.accept}
 
     def close(self) -> None:
         self.client.close()
@@ -233,4 +239,7 @@ def score_set(scorer, ds: DataSet, batch_size: int, progress: bool, explain: boo
         csm_classes=[int(c) for c in first["top_classes"][0]] if csm is not None else [],
         nonfinite_scores=nonfinite, range_warnings=sum(p.get("warnings", 0) for p in parts),
         p_values=np.concatenate([p["p_values"] for p in parts]) if explain and all(
-            p.get("p_values") is not None for p in parts) else None)
+            p.get("p_values") is not None for p in parts) else None,
+        prediction_set=None if any(p.get("prediction_set") is None for p in parts)
+        else [s for p in parts for s in p["prediction_set"]],
+        accept=None if any(p.get("accept") is None for p in parts) else np.concatenate([p["accept"] for p in parts]))

@@ -214,6 +214,27 @@ def test_figures_are_valid_pngs(local_run):
     assert doc["notes"] == []
 
 
+def test_report_gives_set_coverage_size_and_accept(local_run, model, data):
+    assert local_run["code"] == 0, local_run["err"]
+    doc, md = _report(local_run["out"])
+    a = data["arrays"]["clean"]
+    out = load_detector(BUNDLED, model).score(torch.from_numpy(a["x"]), batch_size=64)
+    y = torch.from_numpy(a["y"]).long()
+    covered = out.prediction_set.gather(1, y[:, None])[:, 0]
+    accept = out.accept & ~out.flagged
+    wrong = out.label != y
+    dec = doc["clean"]["decisions"]
+    assert dec["set_coverage"] == float(covered.double().mean())
+    assert dec["mean_set_size"] == float(out.prediction_set.sum(1).double().mean())
+    assert dec["accept_rate"] == float(accept.double().mean())
+    assert dec["accepted_errors"] == int((accept & wrong).sum())
+    # the bundled default on these 200 digits (195, then 5 the model gets wrong): exact values
+    assert (dec["set_coverage"], dec["accept_rate"], dec["accepted_errors"]) == (0.875, 0.94, 0)
+    assert "## Prediction sets and the accept gate (clean set)" in md and "| 0.8750 | 0.8750 |" in md
+    assert "prediction sets on the clean set: coverage 0.8750, mean size 0.8750; accept rate 0.9400" \
+        in local_run["err"]
+
+
 @pytest.mark.slow
 def test_progress_bars_on_stderr(local_run):
     err = local_run["err"]
@@ -253,6 +274,7 @@ def test_url_mode_gives_the_same_numbers(local_run, data, tmp_path):
             assert doc["sets"][name][key] == ref["sets"][name][key], (name, key)
     for key in ("accuracy", "flag_rate", "flag_rate_right", "flag_rate_wrong", "n_positives"):
         assert doc["clean"][key] == ref["clean"][key], key
+    assert doc["clean"]["decisions"] == ref["clean"]["decisions"]  # sets and accept through /predict
     for key in ("auroc", "aurc", "risk_at_95_coverage"):
         assert doc["clean"]["misclassification"][key] == pytest.approx(ref["clean"]["misclassification"][key],
                                                                        abs=1e-12)
