@@ -60,7 +60,7 @@ _FIT_BODY = {
                 "file": {"type": "string", "format": "binary", "description": ".npz with x (n, *input_shape) "
                          "float and y (n,) integer labels; optionally x_cal, y_cal: held-out data for the "
                          "calibration (else a seeded split of x)"},
-                "preset": {"type": "string", "enum": ["composite", "gga", "paper"],
+                "preset": {"type": "string", "enum": ["composite", "fast", "gga", "paper"],
                            "description": "detector preset (default: GGA_DETECTOR)"},
                 "top_n": {"type": "string", "description": "classes in the CSM: an integer >= 3 or 'all' "
                           "(default: GGA_TOP_N, else the preset's choice)"},
