@@ -568,6 +568,9 @@ def render(out_dir: Path, figures: bool = True, discussion: str | None = None) -
              "computed once.", ""]
     if discussion:
         parts += [discussion, ""]
+    ablation = out_dir / "adaptive_ablation.md"  # python -m benchmarks.adaptive.ablation
+    if ablation.exists():
+        parts += [ablation.read_text(), ""]
     for ds, r in results.items():
         t = TITLES[ds]
         parts += [f"## {t}" + (" — JPEG-q75 test copy, cross-data-set OOD (not SVHN)" if ds == "cifar10" else ""), ""]

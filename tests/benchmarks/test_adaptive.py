@@ -216,3 +216,23 @@ def test_attach_writes_the_evaluation_into_the_saved_json_and_load_keeps_it(setu
     with torch.no_grad():
         y = model(x).argmax(1)
     assert loaded.fit(x[:200], y[:200], calibration=(x[200:], y[200:])).evaluation is None
+
+
+def test_ablation_table_counts_an_input_broken_by_any_white_box_attack(tmp_path):
+    from benchmarks.adaptive import ablation
+
+    run = {"n": 10, "n_correct": 8, "clean_flag_rate": 0.1,
+           "attacks": {"cw": {"broken": 2, "robust_detection": 0.75},
+                       "multitarget": {"broken": 2, "robust_detection": 0.75},
+                       "transfer": {"broken": 3, "robust_detection": 0.625},
+                       "best_of_all": {"broken": 5, "robust_detection": 0.375}},
+           "broken_index": {"cw": [1, 2], "multitarget": [2, 5], "transfer": [0, 3, 4]}}
+    result = {"settings": {"split": "val", "steps_for": "cw=10x1", "gga": "omit"}, "runs": {"linf:0.3": run},
+              "detector": {"components": ["margin", "disagreement"]}}
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps(result))
+    rows = ablation.main(["--out", str(tmp_path / "abl"), f"with guard={path}"])
+    # white-box: inputs 1, 2, 5 broken (transfer is another threat model and stays out of it)
+    assert rows[0]["white_box_best_of_all"] == 1 - 3 / 8
+    text = (tmp_path / "abl.md").read_text()
+    assert "| with guard | val (8) | linf:0.3 | 10.0% | 75.0% | 75.0% |  |  | **62.5%** | 62.5% |" in text
