@@ -30,8 +30,8 @@ Per set (OOD = positive class, scores: higher = more anomalous; :mod:`detectors.
 AUROC, AUPR-In, AUPR-Out, TNR at 95% TPR and the flag rate at the served alpha; the flag
 rate of the clean set too. Written to ``REPORT_DIR``: ``report.md`` (table, command, date,
 detector kind / preset / version / alpha, figures), ``report.json`` (every number, exact),
-``scores.npz`` (per set ``<set>.score``, ``.trust``, ``.flagged``, ``.label``, and
-``clean.y``), ``roc.png`` (all sets), ``trust_<set>.png`` (clean vs each set) and
+``scores.npz`` (per set ``<set>.score``, ``.trust``, ``.flagged``, ``.label``, with
+``--detector`` ``.logits``, and ``clean.y``), ``roc.png`` (all sets), ``trust_<set>.png`` (clean vs each set) and
 ``csm_<set>.png`` (the first sample's N x N CSM, predicted class first; skipped with a
 note when the detector gives no CSM). With labels, the decisions' curves too
 (:mod:`service.evaluation.conformal_curves`): coverage and mean set size vs alpha (calibrated on a

@@ -1,7 +1,8 @@
 """The files of a ``gga-eval`` report: ``report.md`` (the table, the command, the date, the detector,
 the figures), ``report.json`` (every number, unrounded; non-finite numbers as null) and
 ``scores.npz`` (per set ``<set>.score``, ``.trust``, ``.flagged``, ``.label``, and ``clean.y``; with
-``--explain`` also ``<set>.p_values``, (n, K) in the order of the report's ``explain.components``).
+``--explain`` also ``<set>.p_values``, (n, K) in the order of the report's ``explain.components``; with
+``--detector`` also ``<set>.logits``, (n, C), the logits the detector's decisions saw).
 """
 
 from __future__ import annotations
@@ -133,6 +134,8 @@ def write_report(out: Path, doc: dict, clean: DataSet, clean_scores: SetScores,
                        f"{name}.label": sc.label})
         if sc.p_values is not None:
             arrays[f"{name}.p_values"] = sc.p_values
+        if sc.logits is not None:
+            arrays[f"{name}.logits"] = sc.logits
     if clean.y is not None:
         arrays[f"{CLEAN}.y"] = clean.y
     np.savez(out / "scores.npz", **arrays)
