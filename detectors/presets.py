@@ -8,7 +8,12 @@
 - ``composite`` (the default): GGA CSM features (top-5) + logit signals + per-layer
   Mahalanobis distances, combined by a truncated Fisher product over reference
   p-values and calibrated conformally (:mod:`detectors.composite`, whose defaults are
-  the configuration chosen on validation data, ``benchmarks/select_composite.py``).
+  the configuration chosen on validation data, ``benchmarks/select_composite.py``),
+  plus, where the model card names one, a robust second opinion whose disagreement with
+  the served label is thresholded on its own (:mod:`detectors.second_opinion`).
+- ``fast``: the composite without GGA (no gradient passes: about a fifth of the
+  composite's compute on the bundled model), same API and calibration; what it gives up
+  is measured in ``benchmarks/results/`` (README, "What the trust protects against").
 
 For a TorchScript model (its layers cannot be observed) the composite leaves out the
 layer distances. ``top_n`` None means the preset's own choice (all classes for ``paper``, 5 otherwise,
@@ -26,7 +31,7 @@ from detectors.composite import CompositeDetector
 from detectors.gga import GGADetector
 from detectors.signals import supports_hooks
 
-PRESETS = ("paper", "gga", "composite")
+PRESETS = ("paper", "gga", "composite", "fast")
 DEFAULT_PRESET = "composite"
 
 
@@ -34,7 +39,7 @@ def build_detector(preset: str, model: nn.Module, *, num_classes: int, top_n: in
                    alpha: float = 0.05, layers: Sequence[str] | None = None, seed: int = 0,
                    strategy: str = "auto", second_opinion: str | None = None):
     """An unfitted detector of ``preset`` for ``model`` (``num_classes`` outputs). ``second_opinion``
-    (the composite only; e.g. the model card's ``second_opinion``): a robust classifier of
+    (``composite`` and ``fast``; the others ignore it; e.g. the model card's ``second_opinion``): a robust classifier of
     :data:`detectors.second_opinion.SECOND_OPINIONS` whose disagreement with the served label is
     thresholded on its own (see :mod:`detectors.second_opinion`)."""
     if preset not in PRESETS:
@@ -52,9 +57,9 @@ def build_detector(preset: str, model: nn.Module, *, num_classes: int, top_n: in
     else:
         # a TorchScript model hides its layers (no forward hooks): the composite then runs on GGA and the logits
         use_layers = supports_hooks(model)
-        det = CompositeDetector(model, top_n=partial, alpha=alpha, use_layers=use_layers,
-                                layers=list(layers) if layers and use_layers else None, seed=seed, strategy=strategy,
-                                second_opinion=second_opinion)
+        det = CompositeDetector(model, top_n=partial, alpha=alpha, use_gga=preset == "composite",
+                                use_layers=use_layers, layers=list(layers) if layers and use_layers else None,
+                                seed=seed, strategy=strategy, second_opinion=second_opinion)
     det.preset = preset
     return det
 

@@ -241,7 +241,7 @@ def _build(options: FitOptions, model: torch.nn.Module, card):
     """The unfitted detector, as ``FitJobManager.build`` makes it for ``POST /fit``."""
     return options.configure(build_detector(
         options.preset, model, num_classes=len(card.class_names), top_n=options.top_n, alpha=options.alpha,
-        layers=card.feature_layers, second_opinion=card.second_opinion if options.preset == "composite" else None))
+        layers=card.feature_layers, second_opinion=card.second_opinion))
 
 
 def _read_data(data: Path, calibration: Path | None, input_shape: tuple[int, ...], n_classes: int):

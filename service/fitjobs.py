@@ -137,7 +137,7 @@ class FitJobManager:
         """The unfitted detector that ``options`` ask for (ValueError when the model cannot take them)."""
         return options.configure(build_detector(
             options.preset, self.model, num_classes=self.num_classes, top_n=options.top_n, alpha=options.alpha,
-            layers=self.feature_layers, second_opinion=self.second_opinion if options.preset == "composite" else None))
+            layers=self.feature_layers, second_opinion=self.second_opinion))
 
     def submit(self, x: np.ndarray, y: np.ndarray, calibration: tuple[np.ndarray, np.ndarray] | None = None,
                options: FitOptions | None = None) -> FitJob:

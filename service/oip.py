@@ -41,13 +41,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from detectors.csm import NonFiniteLogitsError
 from service.auth import matches, presented, secret_of
-from service.batching import BatcherClosedError, QueueFullError, QueueTimeoutError, RequestTooLargeError
 from service.decode import body_stream, parse_json_body, validate_batch
 from service.errors import ApiError
 from service.oip_binary import HEADER_LENGTH, BinaryReader, encode_response, inflate, split_body, tensor_bytes
-from service.worker import NoDetectorError, PredictPayload, merge_results, split_payload
+from service.submit import range_warnings, score_rows
 
 router = APIRouter(prefix="/v2", include_in_schema=False)  # the protocol's own specification documents it
 OFFLOAD_BYTES = 256 * 1024  # decode larger bodies on a thread, not on the event loop (as /predict)
@@ -415,29 +413,6 @@ def build_response(req: InferRequest, rows: list[dict], model: str, alpha: float
     return Response(body, media_type="application/octet-stream" if blobs else "application/json", headers=headers)
 
 
-async def _score(st, x: np.ndarray, return_csm: bool) -> list[dict]:
-    """The native rows of ``x``: the batcher's ``PredictPayload`` path of ``/predict``, its refusals as ApiError."""
-    try:
-        return await st.batcher.submit(PredictPayload(x, return_csm), len(x), split=split_payload,
-                                       merge=merge_results)
-    except QueueFullError as exc:
-        why = f"{exc.queued_rows} of {exc.max_queue_rows} rows queued" if exc.estimated_wait_s is None \
-            else f"estimated wait {exc.estimated_wait_s:.1f} s"
-        raise ApiError(503, "overloaded", f"the queue is full ({why}); retry later",
-                       headers={"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}) from exc
-    except QueueTimeoutError as exc:
-        raise ApiError(504, "timeout", f"the request could not be computed within "
-                       f"{st.settings.batching.request_timeout_s} s of its arrival and was not computed") from exc
-    except RequestTooLargeError as exc:
-        raise ApiError(413, "payload_too_large", str(exc)) from exc
-    except BatcherClosedError as exc:
-        raise ApiError(503, "unavailable", "the service is shutting down") from exc
-    except NoDetectorError as exc:
-        raise ApiError(503, "no_detector", str(exc)) from exc
-    except NonFiniteLogitsError as exc:
-        raise ApiError(400, "non_finite_output", str(exc)) from exc
-
-
 @router.post("/models/{name}/infer")
 @router.post("/models/{name}/versions/{version}/infer")
 async def infer(name: str, request: Request, version: str | None = None) -> Response:
@@ -448,8 +423,6 @@ async def infer(name: str, request: Request, version: str | None = None) -> Resp
 
 
 async def _infer(name: str, version: str | None, request: Request) -> Response:
-    from service.routes import _range_warnings  # the model card's value range, exactly as /predict applies it
-
     st, _, _ = _served(request, name, version)
     if not getattr(st, "ready", False):
         raise ApiError(503, "unavailable", "the service is starting or stopping")
@@ -459,11 +432,11 @@ async def _infer(name: str, version: str | None, request: Request) -> Response:
     header_length = request.headers.get(HEADER_LENGTH)
     req = await run_in_threadpool(parse_infer, body, header_length, st) if len(body) > OFFLOAD_BYTES \
         else parse_infer(body, header_length, st)
-    warnings = _range_warnings(st.card, req.x)
+    warnings = range_warnings(st.card, req.x)  # exactly as /predict applies it
     detector, _ = st.slot.get()
     if detector is None:
         raise ApiError(503, "no_detector", "no fitted detector for this model yet: calibrate one with POST /fit")
-    rows = await _score(st, req.x, req.return_csm)
+    rows = await score_rows(st, req.x, req.return_csm)
     served = st.settings.model.alpha
     alpha = served if served is not None else detector.alpha
     return build_response(req, rows, st.card.name, alpha, len(st.card.class_names), warnings)

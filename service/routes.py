@@ -10,10 +10,8 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
-from detectors.csm import NonFiniteLogitsError
 from detectors.presets import describe
 from service.auth import matches, presented, secret_of
-from service.batching import BatcherClosedError, QueueFullError, QueueTimeoutError, RequestTooLargeError
 from service.decisions import FIT_DECISION_FIELDS, decisions_info
 from service.decode import NPY_TYPES, body_stream, decode_json_inputs, decode_npy, media_type, parse_json_body
 from service.errors import ApiError
@@ -30,7 +28,7 @@ from service.schemas import (
     PredictRequest,
     PredictResponse,
 )
-from service.worker import NoDetectorError, PredictPayload, merge_results, split_payload
+from service.submit import range_warnings, score_rows
 
 router = APIRouter()
 OFFLOAD_BYTES = 256 * 1024  # decode larger bodies on a thread, not on the event loop
@@ -60,7 +58,7 @@ _FIT_BODY = {
                 "file": {"type": "string", "format": "binary", "description": ".npz with x (n, *input_shape) "
                          "float and y (n,) integer labels; optionally x_cal, y_cal: held-out data for the "
                          "calibration (else a seeded split of x)"},
-                "preset": {"type": "string", "enum": ["composite", "gga", "paper"],
+                "preset": {"type": "string", "enum": ["composite", "fast", "gga", "paper"],
                            "description": "detector preset (default: GGA_DETECTOR)"},
                 "top_n": {"type": "string", "description": "classes in the CSM: an integer >= 3 or 'all' "
                           "(default: GGA_TOP_N, else the preset's choice)"},
@@ -135,52 +133,17 @@ async def predict(request: Request, return_csm: bool = False, explain: bool = Fa
             x = decode_json_inputs(doc, shape)
     elif ctype in NPY_TYPES:
         x = await run_in_threadpool(decode_npy, body, shape) if len(body) > OFFLOAD_BYTES else decode_npy(body, shape)
-    warnings = _range_warnings(st.card, x)
+    warnings = range_warnings(st.card, x)
     detector, _ = st.slot.get()
     if detector is None:
         raise ApiError(503, "no_detector", "no fitted detector for this model yet: calibrate one with POST /fit")
-    try:
-        rows = await st.batcher.submit(PredictPayload(x, return_csm, explain), len(x), split=split_payload,
-                                       merge=merge_results)
-    except QueueFullError as exc:
-        retry = max(1, int(np.ceil(exc.retry_after_s)))
-        why = f"{exc.queued_rows} of {exc.max_queue_rows} rows queued" if exc.estimated_wait_s is None \
-            else f"estimated wait {exc.estimated_wait_s:.1f} s"
-        raise ApiError(503, "overloaded", f"the queue is full ({why}); retry later",
-                       headers={"Retry-After": str(retry)}) from exc
-    except QueueTimeoutError as exc:
-        raise ApiError(504, "timeout", "the request could not be computed within "
-                       f"{st.settings.batching.request_timeout_s} s of its arrival (it waited in the queue) and was "
-                       "not computed") from exc
-    except RequestTooLargeError as exc:
-        raise ApiError(413, "payload_too_large", str(exc)) from exc
-    except BatcherClosedError as exc:
-        raise ApiError(503, "unavailable", "the service is shutting down") from exc
-    except NoDetectorError as exc:
-        raise ApiError(503, "no_detector", str(exc)) from exc
-    except NonFiniteLogitsError as exc:
-        raise ApiError(422, "non_finite_output", str(exc)) from exc
+    rows = await score_rows(st, x, return_csm, explain)
     served = st.settings.model.alpha
     alpha = served if served is not None else detector.alpha
     answer = {"model": st.card.name, "alpha": alpha, "predictions": rows}
     if warnings:
         answer["warnings"] = warnings
     return JSONResponse(answer)
-
-
-def _range_warnings(card, x: np.ndarray) -> list[dict]:
-    """The model card's value range: out-of-range samples are a 422 (policy reject) or warnings (warn)."""
-    bad = card.check_range(x)
-    if not bad:
-        return []
-    lo, hi = card.value_range
-    i, vmin, vmax = bad[0]
-    if card.value_range_policy == "reject":
-        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        raise ApiError(422, "out_of_range", f"sample {i}{more} has values in [{vmin:.6g}, {vmax:.6g}]; this model "
-                       f"takes values in [{lo:g}, {hi:g}] (model card value_range), e.g. pixels divided by 255")
-    return [{"sample": j, "message": f"values in [{a:.6g}, {b:.6g}] are outside the model's range [{lo:g}, {hi:g}]"}
-            for j, a, b in bad]
 
 
 def _require_admin(request: Request) -> None:

@@ -94,7 +94,7 @@ class FitJobView(BaseModel):
 
 class FitPathRequest(BaseModel):
     path: str = Field(..., description="an .npz file (arrays x and y) inside the server's GGA_DATA_DIR")
-    preset: Literal["composite", "gga", "paper"] | None = Field(
+    preset: Literal["composite", "fast", "gga", "paper"] | None = Field(
         None, description="detector preset (default: GGA_DETECTOR, composite)")
     top_n: int | None = Field(None, ge=3, description="classes in the CSM (default: GGA_TOP_N, else the preset's "
                               "choice: 5 for composite and gga, all for paper)")

@@ -46,7 +46,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--top-n", type=int, default=None, help="classes in the CSM (default: the preset's choice)")
     p.add_argument("--guard-share", type=float, default=None,
                    help="composite with a second opinion: the flag budget share of its guard (default 0.3)")
-    p.add_argument("--without-gga", action="store_true", help="composite without the GGA component (ablation)")
     args = p.parse_args(argv)
 
     model = MnistCNN()
@@ -68,13 +67,11 @@ def main(argv: list[str] | None = None) -> None:
 
     det = build_detector(args.preset, model, num_classes=len(card["class_names"]), top_n=args.top_n,
                          layers=card.get("feature_layers"), seed=args.seed,
-                         second_opinion=card.get("second_opinion") if args.preset == "composite" else None)
-    if args.guard_share is not None or args.without_gga:
-        if args.preset != "composite":
-            p.error("--guard-share and --without-gga apply to the composite preset")
-        cfg = det.config
-        det.config = replace(cfg, guard_share=cfg.guard_share if args.guard_share is None else args.guard_share,
-                             use_gga=cfg.use_gga and not args.without_gga)
+                         second_opinion=card.get("second_opinion"))
+    if args.guard_share is not None:
+        if getattr(det.config, "second_opinion", None) is None:
+            p.error("--guard-share needs a composite (or fast) preset and a model card that names a second_opinion")
+        det.config = replace(det.config, guard_share=args.guard_share)
     det.fit(x, y, batch_size=500, progress=progress, calibration=(x_cal, y_cal))
     print()
     det.save(args.model_dir / "detector")

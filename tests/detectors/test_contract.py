@@ -174,10 +174,14 @@ def test_gga_load_on_the_bundled_default_says_it_is_a_composite():
 
 def test_presets_build_contract_detectors():
     m = _model()
-    for preset in ("paper", "gga", "composite"):
-        det = build_detector(preset, m, num_classes=3)
+    for preset in ("paper", "gga", "composite", "fast"):
+        det = build_detector(preset, m, num_classes=3, second_opinion=None)
         assert isinstance(det, Detector) and det.preset == preset
-        assert det.kind == ("composite" if preset == "composite" else "gga")
+        assert det.kind == ("composite" if preset in ("composite", "fast") else "gga")
+    # fast: the composite without GGA (no gradient passes), the same logit and layer components
+    fast, full = build_detector("fast", m, num_classes=3), build_detector("composite", m, num_classes=3)
+    assert (fast.config.use_gga, full.config.use_gga) == (False, True)
+    assert full.components[:3] == ["gga", "margin", "energy"] and fast.components[:2] == ["margin", "energy"]
 
 
 def test_mahalanobis_state_round_trip():

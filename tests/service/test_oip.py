@@ -423,7 +423,7 @@ def test_v2_infer_is_shed_and_timed_out_like_predict(tmp_path, mnist_test):
     assert unread.json() == {"error": "the queue is full (1 of 1 rows queued); retry later"}
     assert ready.json() == {"ready": True}
     assert timed_out.status_code == 504 and timed_out.json() == {
-        "error": "the request could not be computed within 0.5 s of its arrival and was not computed"}
+        "error": "the request could not be computed within 0.5 s of its arrival (it waited in the queue) and was not computed"}
     counts = [m[("gga_requests_total", (("route", "v2_infer"), ("status", s)))] for s in ("200", "503", "504")]
     assert counts == [1, 1, 1]
 
