@@ -30,10 +30,16 @@ Per set (OOD = positive class, scores: higher = more anomalous; :mod:`detectors.
 AUROC, AUPR-In, AUPR-Out, TNR at 95% TPR and the flag rate at the served alpha; the flag
 rate of the clean set too. Written to ``REPORT_DIR``: ``report.md`` (table, command, date,
 detector kind / preset / version / alpha, figures), ``report.json`` (every number, exact),
-``scores.npz`` (per set ``<set>.score``, ``.trust``, ``.flagged``, ``.label``, and
-``clean.y``), ``roc.png`` (all sets), ``trust_<set>.png`` (clean vs each set) and
+``scores.npz`` (per set ``<set>.score``, ``.trust``, ``.flagged``, ``.label``, with
+``--detector`` ``.logits``, and ``clean.y``), ``roc.png`` (all sets), ``trust_<set>.png`` (clean vs each set) and
 ``csm_<set>.png`` (the first sample's N x N CSM, predicted class first; skipped with a
-note when the detector gives no CSM). Figures need matplotlib: ``pip install 'gga-trust[eval]'``.
+note when the detector gives no CSM). With labels, the decisions' curves too
+(:mod:`service.evaluation.conformal_curves`): coverage and mean set size vs alpha (calibrated on a
+seeded half of the clean set, measured on the other) in ``sets_vs_alpha.png``, the risk-coverage
+curve of the gate's score and of max softmax with the served operating point in
+``risk_coverage.png``, a table on stderr and ``decision_curves`` in report.json; with ``--url``
+only the operating point and max softmax (``/predict`` returns no logits).
+Figures need matplotlib: ``pip install 'gga-trust[eval]'``.
 
 Exit status: 0 report written; 2 bad arguments, settings or files (the message names
 them); 1 the evaluation failed (the service unreachable or failing, the scoring raised,
@@ -58,9 +64,10 @@ from pathlib import Path
 
 import numpy as np
 
+from service.evaluation.conformal_curves import decision_curves, summary_lines
 from service.evaluation.data import CLEAN, load_set
 from service.evaluation.errors import EvalFailed, UsageError
-from service.evaluation.figures import draw_figures, figure_class
+from service.evaluation.figures import draw_decision_curves, draw_figures, figure_class
 from service.evaluation.report import write_report
 from service.evaluation.results import COVERAGE, TPR, evaluate
 from service.evaluation.scoring import LocalScorer, RemoteScorer, score_set
@@ -173,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gga-eval: prediction sets on the clean set: coverage {v['set_coverage']}, mean size "
               f"{v['mean_set_size']}; accept rate {v['accept_rate']}, selective risk {v['selective_risk']}",
               file=sys.stderr)
+    for line in summary_lines(doc.get("decision_curves") or {}):
+        print(f"gga-eval: {line}", file=sys.stderr)
     print(f"gga-eval: report written to {doc['report']}", file=sys.stderr)
     return EXIT_OK
 
@@ -241,6 +250,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
             notes.append(f"{ds.name}: the first {len(ds.x)} of {ds.n_file} samples (--max-samples)")
 
     results = evaluate(clean, clean_scores, scored)
+    curves, curve_notes = decision_curves(clean, clean_scores, scorer.decisions, scorer.alpha)
+    notes += curve_notes
     right = clean_scores.label == clean.y if clean.y is not None else np.ones(len(clean.x), bool)
     det = scorer.info
     label = f"{det['kind']} {det.get('version') or ''}".strip()
@@ -249,11 +260,13 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         figures, fig_notes = draw_figures(args.out, clean_scores.score[right], clean_scores, scored, results,
                                           scorer.alpha, scorer.class_names, label)
         notes += fig_notes
+        figures += draw_decision_curves(args.out, curves, label)
         doc = {
             "tool": "gga-eval", "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "command": shlex.join(["gga-eval", *_redacted(argv)]), "mode": scorer.mode, "model": scorer.model_name,
             "device": scorer.device_name, "batch_size": args.batch_size, "max_samples": args.max_samples,
-            "detector": det, "tpr": TPR, "coverage": COVERAGE, **results, "figures": figures, "notes": notes,
+            "detector": det, "tpr": TPR, "coverage": COVERAGE, **results, "decision_curves": curves,
+            "figures": figures, "notes": notes,
             "wall_seconds": round(time.perf_counter() - t0, 3),
         }
         if args.explain:

@@ -3,7 +3,9 @@
 ``roc.png``: the ROC curve of every set against the in-distribution samples;
 ``trust_<set>.png``: the trust histograms of the clean set and each set, with alpha;
 ``csm_<set>.png``: the first sample's N x N CSM, rows and columns in the order of its
-predicted classes (skipped with a note when the detector gives no CSM).
+predicted classes (skipped with a note when the detector gives no CSM);
+``sets_vs_alpha.png`` and ``risk_coverage.png``: the decisions' curves
+(:mod:`service.evaluation.conformal_curves`), when the report has them.
 """
 
 from __future__ import annotations
@@ -106,3 +108,56 @@ def draw_figures(out: Path, clean_in: np.ndarray, clean: SetScores, sets: list[t
         fig.savefig(out / fname, dpi=110)
         files.append(fname)
     return files, notes
+
+
+def draw_decision_curves(out: Path, curves: dict | None, detector_label: str) -> list[str]:
+    """``sets_vs_alpha.png`` (coverage and mean set size vs alpha, with the 1 - alpha line) and
+    ``risk_coverage.png`` (the gate's score and max softmax, the served operating point marked) from
+    :func:`service.evaluation.conformal_curves.decision_curves`; each only when its curves are there."""
+    if curves is None:
+        return []
+    Figure = figure_class()
+    files = []
+    sets = curves.get("sets")
+    if sets:
+        a = np.asarray(sets["alpha"])
+        fig = Figure(figsize=(9.6, 4.0))
+        ax_cov, ax_size = fig.subplots(1, 2)
+        ax_cov.plot(a, 1 - a, ls=":", color="grey", lw=1, label="1 - alpha (the guarantee)")
+        ax_cov.plot(a, sets["coverage"], marker="o", ms=3, lw=1.5, label=f"{sets['score']} sets")
+        ax_size.plot(a, sets["mean_size"], marker="o", ms=3, lw=1.5, color="tab:orange")
+        for ax in (ax_cov, ax_size):
+            ax.axvline(sets["served_alpha"], color="black", ls="--", lw=1, label=f"served set_alpha "
+                       f"{sets['served_alpha']:g}")
+            ax.grid(alpha=0.3)
+        ax_cov.set(xlabel="alpha", ylabel="coverage (test half)", title="coverage vs alpha")
+        ax_size.set(xlabel="alpha", ylabel="mean set size (test half)", title="mean set size vs alpha")
+        ax_cov.legend(fontsize=8)
+        fig.suptitle(f"{detector_label}: calibrated on {sets['n_calibration']} clean samples, measured on the "
+                     f"other {sets['n_test']}", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(out / "sets_vs_alpha.png", dpi=110)
+        files.append("sets_vs_alpha.png")
+    gate, msp, op = curves.get("gate"), curves.get("max_softmax"), curves.get("operating_point")
+    if gate or msp or op:
+        fig = Figure(figsize=(6.4, 4.6))
+        ax = fig.subplots()
+        if msp:
+            ax.plot(msp["curve"]["coverage"], msp["curve"]["risk"], lw=1.3, ls="--", color="tab:green",
+                    label="max softmax (not gated)")
+        if gate:
+            ax.plot(gate["curve"]["coverage"], gate["curve"]["risk"], lw=1.8, color="tab:blue",
+                    label=f"gate score ({gate['score']}, trust-gated)")
+        if op is not None and op["risk"] is not None:
+            ax.plot([op["coverage"]], [op["risk"]], marker="*", ms=12, color="tab:red", ls="none",
+                    label=f"served gate: coverage {op['coverage']:.3f}, risk {op['risk']:.4f}")
+        if gate:
+            ax.axhline(gate["risk_target"], color="grey", ls=":", lw=1, label=f"risk_target {gate['risk_target']:g}")
+        ax.set(xlim=(0, 1.01), xlabel="coverage (accepted share of the clean set)",
+               ylabel="risk (error rate among the accepted)", title=f"risk-coverage: {detector_label}")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / "risk_coverage.png", dpi=110)
+        files.append("risk_coverage.png")
+    return files

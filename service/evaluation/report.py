@@ -1,7 +1,8 @@
 """The files of a ``gga-eval`` report: ``report.md`` (the table, the command, the date, the detector,
 the figures), ``report.json`` (every number, unrounded; non-finite numbers as null) and
 ``scores.npz`` (per set ``<set>.score``, ``.trust``, ``.flagged``, ``.label``, and ``clean.y``; with
-``--explain`` also ``<set>.p_values``, (n, K) in the order of the report's ``explain.components``).
+``--explain`` also ``<set>.p_values``, (n, K) in the order of the report's ``explain.components``; with
+``--detector`` also ``<set>.logits``, (n, C), the logits the detector's decisions saw).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from service.evaluation.conformal_curves import summary_lines
 from service.evaluation.data import CLEAN, DataSet
 from service.evaluation.scoring import SetScores
 
@@ -77,6 +79,7 @@ def render_markdown(doc: dict) -> str:
                                    _f(dec.get("selective_risk")), str(dec.get("accepted_errors", "—"))]) + " |",
                   "", "Coverage holds for inputs exchangeable with the calibration data (set_alpha, risk_target and "
                   "delta: the detector's /info)."]
+    lines += _curves_section(doc.get("decision_curves"), set(doc["figures"]))
     lines += ["", "## Figures", "", "ROC curves of every set against the in-distribution samples:", "",
               "![ROC curves](roc.png)", ""]
     figs = set(doc["figures"])
@@ -93,6 +96,19 @@ def render_markdown(doc: dict) -> str:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in doc["notes"]]
     lines += ["", "Every number, unrounded, is in `report.json`; the per-sample scores are in `scores.npz`.", ""]
     return "\n".join(lines)
+
+
+def _curves_section(curves: dict | None, figs: set[str]) -> list[str]:
+    """report.md's section on the decisions' curves (:mod:`service.evaluation.conformal_curves`)."""
+    if curves is None:
+        return []
+    lines = ["", "## Decision curves (clean set)", "", "```", *summary_lines(curves), "```", ""]
+    if "sets_vs_alpha.png" in figs:
+        lines += ["![coverage and mean set size vs alpha](sets_vs_alpha.png)", ""]
+    if "risk_coverage.png" in figs:
+        lines += ["![risk-coverage curves and the served operating point](risk_coverage.png)", ""]
+    lines.append("Every alpha and every curve point is in `report.json` (`decision_curves`).")
+    return lines
 
 
 def json_safe(obj):
@@ -118,6 +134,8 @@ def write_report(out: Path, doc: dict, clean: DataSet, clean_scores: SetScores,
                        f"{name}.label": sc.label})
         if sc.p_values is not None:
             arrays[f"{name}.p_values"] = sc.p_values
+        if sc.logits is not None:
+            arrays[f"{name}.logits"] = sc.logits
     if clean.y is not None:
         arrays[f"{CLEAN}.y"] = clean.y
     np.savez(out / "scores.npz", **arrays)

@@ -46,6 +46,8 @@ class SetScores:
     p_values: np.ndarray | None = None  # with --explain: (n, K), each detector component's p-value per sample
     prediction_set: list[list[int]] | None = None  # each sample's conformal set (None: the detector has none)
     accept: np.ndarray | None = None  # bool, the selective gate (None: the detector has no gate)
+    confidence: np.ndarray | None = None  # float64, softmax probability of the predicted class
+    logits: np.ndarray | None = None  # (n, C) the logits the detector's decisions saw (in this process only)
 
 
 class LocalScorer:
@@ -98,6 +100,15 @@ class LocalScorer:
         self.model_name = self.card.name
         self.source = str(directory.resolve())
         self.device_name = str(self.device)
+        self.decisions = getattr(self.detector, "decisions", None)
+        self._logits: list = []
+        decide = getattr(self.detector, "decide", None)
+        if decide is not None:  # keep the logits of the detector's own pass, as its decisions saw them
+            def keep_logits(scores, logits, _decide=decide):
+                self._logits.append(torch.as_tensor(logits).detach().cpu())
+                return _decide(scores, logits)
+
+            self.detector.decide = keep_logits
 
     def check(self, ds: DataSet) -> list[str]:
         """The model card's value range, as the server applies it: an error (reject) or notes (warn)."""
@@ -116,7 +127,10 @@ class LocalScorer:
     def score(self, x: np.ndarray, return_csm: bool, explain: bool = False) -> dict:
         from service.explain import component_p_values
 
+        self._logits.clear()
         out = self.detector.score(self._torch.from_numpy(x).to(self.device), return_csm=return_csm)
+        logits = self._torch.cat(self._logits).numpy() if self._logits else None
+        self._logits.clear()
         trust = out.trust.double().numpy()
         comps = component_p_values(self.detector, out) if explain else None
         flagged = trust < self.alpha
@@ -125,7 +139,9 @@ class LocalScorer:
         return {"p_values": None if comps is None else _p_matrix(comps),
                 "label": out.label.numpy().astype(np.int64), "score": out.score.double().numpy(), "trust": trust,
                 "flagged": flagged, "top_classes": out.top_classes.numpy(),
-                "csm": None if out.csm is None else out.csm.float().numpy(), "prediction_set": sets, "accept": accept}
+                "csm": None if out.csm is None else out.csm.float().numpy(), "prediction_set": sets, "accept": accept,
+                "confidence": out.confidence.double().numpy(),
+                "logits": logits if logits is not None and len(logits) == len(x) else None}
 
     def close(self) -> None:
         pass
@@ -175,6 +191,7 @@ class RemoteScorer:
         self.model_name = info.get("model")
         self.source = self.url
         self.device_name = info.get("device")
+        self.decisions = None  # the fitted state stays on the service: /info shows its settings only
         self._set = ""
 
     def check(self, ds: DataSet) -> list[str]:
@@ -196,7 +213,7 @@ class RemoteScorer:
         return {"p_values": res.p_values, "label": res.labels, "score": res.score, "trust": res.trust,
                 "flagged": res.flagged,
                 "top_classes": res.top_classes, "csm": res.csm, "warnings": len(res.warnings),
-                "prediction_set": res.prediction_set, "accept": res.accept}
+                "prediction_set": res.prediction_set, "accept": res.accept, "confidence": res.confidence}
 
     def close(self) -> None:
         self.client.close()
@@ -242,4 +259,13 @@ def score_set(scorer, ds: DataSet, batch_size: int, progress: bool, explain: boo
             p.get("p_values") is not None for p in parts) else None,
         prediction_set=None if any(p.get("prediction_set") is None for p in parts)
         else [s for p in parts for s in p["prediction_set"]],
-        accept=None if any(p.get("accept") is None for p in parts) else np.concatenate([p["accept"] for p in parts]))
+        accept=None if any(p.get("accept") is None for p in parts) else np.concatenate([p["accept"] for p in parts]),
+        confidence=_joined(parts, "confidence", np.float64), logits=_joined(parts, "logits", None))
+
+
+def _joined(parts: list[dict], key: str, dtype) -> np.ndarray | None:
+    """The batches' ``key`` arrays as one, or None when a batch has none."""
+    if any(p.get(key) is None for p in parts):
+        return None
+    out = np.concatenate([np.asarray(p[key]) for p in parts])
+    return out if dtype is None else out.astype(dtype)

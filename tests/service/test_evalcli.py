@@ -21,11 +21,21 @@ import torch
 from safetensors.torch import load_file
 
 from benchmarks.serverproc import free_port, start_server
+from detectors.conformal import PredictionSets
 from detectors.datasets import load_idx_split
 from detectors.metrics import aupr_in, aupr_out, aurc, auroc, risk_at_coverage, tnr_at_tpr
 from detectors.persist import load_detector
 from detectors.zoo import MnistCNN
 from service.evalcli import main
+from service.evaluation.conformal_curves import (
+    ALPHAS,
+    LOGITS_NOTE,
+    gate_scores,
+    operating_point,
+    risk_coverage,
+    split_halves,
+    thin,
+)
 from service.evaluation.data import DataSet
 from service.evaluation.figures import MATPLOTLIB_HINT, draw_figures, roc_points
 from service.evaluation.scoring import SetScores
@@ -37,6 +47,9 @@ BUNDLED = DEFAULT_MODEL_DIR / "detector"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SETS = ("fashion", "noise")
 FIGURES = ("roc.png", "trust_fashion.png", "trust_noise.png", "csm_clean.png", "csm_fashion.png", "csm_noise.png")
+CURVE_FIGURES = ("sets_vs_alpha.png", "risk_coverage.png")  # with --detector and labels
+# (coverage, mean set size) of the bundled default's LAC sets at alpha 0.01, 0.05, 0.1, 0.2 on the test half
+EXPECTED_SET_CURVE = [(1.0, 1.05), (0.94, 0.94), (0.91, 0.91), (0.79, 0.79)]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -205,8 +218,8 @@ def test_explain_gives_each_components_p_values(local_run, reference, model):
 def test_figures_are_valid_pngs(local_run):
     assert local_run["code"] == 0, local_run["err"]
     doc, _ = _report(local_run["out"])
-    assert sorted(doc["figures"]) == sorted(FIGURES)
-    for f in FIGURES:
+    assert sorted(doc["figures"]) == sorted(FIGURES + CURVE_FIGURES)
+    for f in FIGURES + CURVE_FIGURES:
         path = local_run["out"] / f
         w, h = _png_size(path)
         assert 300 <= w <= 2000 and 300 <= h <= 2000, (f, w, h)
@@ -233,6 +246,94 @@ def test_report_gives_set_coverage_size_and_accept(local_run, model, data):
     assert "## Prediction sets and the accept gate (clean set)" in md and "| 0.8750 | 0.8750 |" in md
     assert "prediction sets on the clean set: coverage 0.8750, mean size 0.8750; accept rate 0.9400" \
         in local_run["err"]
+
+
+def _logits(model, x: np.ndarray) -> torch.Tensor:
+    """The model's logits in the command's batches of 64 (the detector's pass gives the same, bit for bit)."""
+    with torch.no_grad():
+        return torch.cat([model(torch.from_numpy(x[i:i + 64])) for i in range(0, len(x), 64)])
+
+
+def test_report_gives_coverage_and_set_size_vs_alpha(local_run, model, data):
+    assert local_run["code"] == 0, local_run["err"]
+    doc, md = _report(local_run["out"])
+    a = data["arrays"]["clean"]
+    z, y = _logits(model, a["x"]), torch.from_numpy(a["y"]).long()
+    with np.load(local_run["out"] / "scores.npz") as npz:
+        np.testing.assert_array_equal(npz["clean.logits"], z.numpy())  # the logits the decisions saw
+    sets = doc["decision_curves"]["sets"]
+    assert (sets["score"], sets["served_alpha"], sets["split_seed"]) == ("lac", 0.1, 0)
+    assert sets["alpha"] == list(ALPHAS) and ALPHAS[0] == 0.01 and ALPHAS[-1] == 0.2 and len(ALPHAS) == 20
+    assert (sets["n_calibration"], sets["n_test"]) == (100, 100)
+    cal, test = split_halves(200)
+    assert sorted(np.r_[cal, test].tolist()) == list(range(200))
+    np.testing.assert_array_equal(cal, np.random.default_rng(0).permutation(200)[:100])
+    # every alpha: the set module fitted on the calibration half, measured on the test half, exactly
+    for k, alpha in enumerate(sets["alpha"]):
+        mask = PredictionSets("lac", alpha).fit(z[cal], y[cal]).predict(z[test])
+        assert sets["coverage"][k] == float(mask[torch.arange(100), y[test]].double().mean()), alpha
+        assert sets["mean_size"][k] == float(mask.sum(1).double().mean()), alpha
+    # the bundled default on these 200 digits: exact values at 0.01, 0.05, the served 0.1 and 0.2
+    at = {alpha: (sets["coverage"][k], sets["mean_size"][k]) for k, alpha in enumerate(sets["alpha"])}
+    assert [at[v] for v in (0.01, 0.05, 0.1, 0.2)] == EXPECTED_SET_CURVE
+    # LAC sets are nested in alpha: coverage and mean size never grow with alpha
+    assert np.all(np.diff(sets["mean_size"]) <= 0) and np.all(np.diff(sets["coverage"]) <= 0)
+    # printed and in report.md
+    head = "set curves (lac; calibrated on 100 clean samples, measured on the other 100, split seed 0):"
+    row = "  coverage   1.0000  0.9700  0.9400  0.9100  0.8200  0.7900"  # alpha 0.01 0.02 0.05 0.1 0.15 0.2
+    assert f"gga-eval: {head}" in local_run["err"] and f"gga-eval: {row}" in local_run["err"]
+    assert "## Decision curves (clean set)" in md and head in md and row in md
+    assert "![coverage and mean set size vs alpha](sets_vs_alpha.png)" in md
+
+
+def test_operating_point_lies_on_the_risk_coverage_curve(local_run, model, data):
+    assert local_run["code"] == 0, local_run["err"]
+    doc, md = _report(local_run["out"])
+    a = data["arrays"]["clean"]
+    det = load_detector(BUNDLED, model)
+    gate = det.decisions.gate
+    curves = doc["decision_curves"]
+    g, op, msp = curves["gate"], curves["operating_point"], curves["max_softmax"]
+    dec = doc["clean"]["decisions"]
+    # the served point: the accept rows of the report, at the detector's own threshold
+    assert (g["score"], g["threshold"], g["risk_target"]) == ("margin", gate.threshold, 0.01)
+    assert op["coverage"] == dec["accept_rate"] == 0.94 and op["errors"] == dec["accepted_errors"] == 0
+    assert op["accepted"] == 188 and op["risk"] == dec["selective_risk"] == 0.0
+    i = g["operating_index"]
+    c = g["curve"]
+    assert (c["coverage"][i], c["risk"][i], c["accepted"][i], c["errors"][i]) == (0.94, 0.0, 188, 0)
+    assert c["threshold"][i] >= gate.threshold > (c["threshold"][i + 1] if i + 1 < len(c["threshold"]) else -1)
+    # the curve of the gate's score, rebuilt from the detector's own functions: every stored point on it
+    out = det.score(torch.from_numpy(a["x"]), batch_size=64)
+    right = (out.label.numpy() == a["y"])
+    full = risk_coverage(gate_scores(det.decisions, _logits(model, a["x"]), out.trust, 0.05), right)
+    assert g["points"] == len(full["coverage"]) <= 200
+    for k, n_acc in enumerate(c["accepted"]):
+        j = int(np.flatnonzero(full["accepted"] == n_acc)[0])
+        assert (c["threshold"][k], c["risk"][k]) == (full["threshold"][j], full["risk"][j])
+    # it ends at the unflagged share (flagged inputs are never accepted); max softmax reaches every input
+    unflagged = int((out.trust >= 0.05).sum())
+    assert unflagged == 188 and c["accepted"][-1] == unflagged and c["coverage"][-1] == unflagged / 200
+    m = msp["curve"]
+    assert msp["source"] == "logits" and (m["accepted"][-1], m["errors"][-1], m["risk"][-1]) == (200, 5, 5 / 200)
+    line = (f"risk-coverage: gate (margin, threshold {gate.threshold:.6g}) accepts 0.9400 at risk 0.0000; max "
+            f"softmax at that coverage: risk {op['max_softmax_risk_at_coverage']:.4f}")
+    assert f"gga-eval: {line}" in local_run["err"] and line in md
+    assert "![risk-coverage curves and the served operating point](risk_coverage.png)" in md
+
+
+def test_risk_coverage_points_with_ties_and_never_accepted():
+    curve = risk_coverage(np.array([1.0, 3.0, -np.inf, 2.0, 3.0]), np.array([False, True, True, True, False]))
+    assert curve["threshold"].tolist() == [3.0, 2.0, 1.0]  # one point per distinct score; -inf on none
+    assert curve["accepted"].tolist() == [2, 3, 4] and curve["errors"].tolist() == [1, 1, 2]
+    assert curve["coverage"].tolist() == [0.4, 0.6, 0.8] and curve["risk"].tolist() == [0.5, 1 / 3, 0.5]
+    assert operating_point(np.array([True, True, False, True, True]), np.array([True, True, True, True, False])) \
+        == {"coverage": 0.8, "risk": 0.25, "accepted": 4, "errors": 1}
+    big = risk_coverage(np.arange(1000.0), np.ones(1000, bool))
+    kept = thin(big, keep=500)
+    assert len(kept["accepted"]) == 201 and 501 in kept["accepted"] and kept["accepted"][-1] == 1000
+    cal, test = split_halves(7, seed=3)
+    assert (len(cal), len(test)) == (3, 4) and sorted(np.r_[cal, test].tolist()) == list(range(7))
 
 
 @pytest.mark.slow
@@ -293,6 +394,15 @@ def test_url_mode_gives_the_same_numbers(local_run, data, tmp_path):
     assert f"by the service at {base}" in md
     for f in FIGURES:  # the service returns CSMs too
         assert _png_size(out / f)
+    # the curves need logits, which /predict does not return: the served point and max softmax only
+    curves, ref_curves = doc["decision_curves"], ref["decision_curves"]
+    assert curves["sets"] is None and curves["gate"] is None and LOGITS_NOTE in doc["notes"]
+    keys = ("coverage", "risk", "accepted", "errors")
+    assert [curves["operating_point"][k] for k in keys] == [ref_curves["operating_point"][k] for k in keys]
+    m = curves["max_softmax"]
+    assert m["source"] == "confidence" and (m["curve"]["accepted"][-1], m["curve"]["errors"][-1]) == (200, 5)
+    assert "risk_coverage.png" in doc["figures"] and "sets_vs_alpha.png" not in doc["figures"]
+    assert "risk-coverage: served gate accepts 0.9400 at risk 0.0000" in err
 
 
 @pytest.mark.slow
@@ -310,6 +420,8 @@ def test_unlabelled_clean_set_and_max_samples(data, tmp_path, model):
     assert "every sample of the clean set" in md
     assert doc["sets"]["noise"]["n"] == 24 and doc["sets"]["noise"]["n_file"] == 200 and doc["batch_size"] == 10
     assert "noise: the first 24 of 200 samples (--max-samples)" in doc["notes"]
+    assert doc["decision_curves"] is None
+    assert "no decision curves: they need labels y in the clean set (--in)" in doc["notes"]
     det = load_detector(BUNDLED, model)
     s_in = det.score(torch.from_numpy(data["arrays"]["clean"]["x"][:24])).score.numpy()
     s_out = det.score(torch.from_numpy(data["arrays"]["noise"]["x"][:24])).score.numpy()
