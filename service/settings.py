@@ -190,10 +190,11 @@ class AuthSettings(_Group):
 
 
 class FitSettings(_Group):
-    preset: Literal["paper", "gga", "composite"] = Field(
+    preset: Literal["paper", "gga", "composite", "fast"] = Field(
         "composite", json_schema_extra=_env("GGA_DETECTOR"),
-        description="preset of new fits (POST /fit may name another): composite (GGA + logit + layer signals, the "
-        "default), gga (GGA with the max softmax), paper (the paper's configuration)",
+        description="preset of new fits (POST /fit may name another): composite (GGA + logit + layer signals + the "
+        "card's second opinion, the default), fast (the composite without GGA), gga (GGA with the max softmax), "
+        "paper (the paper's configuration)",
     )
     top_n: int | None = Field(None, ge=3, description="classes analysed by new fits (None: the preset's choice, "
                               "5 for composite and gga, all for paper)")
