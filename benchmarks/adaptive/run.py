@@ -2,7 +2,7 @@
 
     python -m benchmarks.adaptive --detector service/default_model/detector \\
         --model service/default_model --data mnist --split test --n 200 --steps 500 --restarts 5 \\
-        --attacks cw,orthogonal,feature_match,multitarget,transfer \\
+        --attacks cw,orthogonal,feature_match,multitarget,joint,transfer \\
         --out benchmarks/results/adaptive_mnist_default
 
 writes ``<out>.json`` (every setting, per-attack outcomes, sanity checks) and ``<out>.md``.
@@ -36,14 +36,14 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from benchmarks.adaptive import cw, feature_match, multitarget, orthogonal, transfer
+from benchmarks.adaptive import cw, feature_match, joint, multitarget, orthogonal, transfer
 from benchmarks.adaptive.common import Budget, Context, Judge
 from benchmarks.adaptive.metrics import summary
 from benchmarks.adaptive.surrogate import GGA_MODES, Surrogate
 from detectors.composite import CompositeDetector
 from detectors.datasets import load_idx_split
 
-ATTACKS = ("cw", "orthogonal", "feature_match", "multitarget", "transfer")
+ATTACKS = ("cw", "orthogonal", "feature_match", "multitarget", "joint", "transfer")
 DEFAULT_BUDGETS = {"mnist": ("linf:0.3", "l2:2.0")}
 
 
@@ -220,6 +220,8 @@ def main(argv: list[str] | None = None) -> dict:
                 tr = feature_match.attack(ctx, xc, yc, pool_x=pool_x, pool_y=pool_y)
             elif name == "multitarget":
                 tr = multitarget.attack(ctx, xc, yc)
+            elif name == "joint":
+                tr = joint.attack(ctx, xc, yc)
             else:
                 tr = transfer.attack(ctx, xc, yc, own_detector=own_detector())
             found = tr.found & budget.inside(tr.x_point, xc)

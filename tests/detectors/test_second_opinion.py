@@ -169,3 +169,25 @@ def test_the_surrogate_copies_the_guarded_statistic(fitted):
         out = Surrogate(det, gga="omit")(xr, target=torch.zeros(len(x), dtype=torch.long))
         (g,) = torch.autograd.grad(out.statistic.sum(), xr)
     assert torch.isfinite(g).all() and g.abs().sum().item() > 0
+
+
+def test_the_joint_attack_breaks_more_as_the_budget_grows(fitted):
+    from benchmarks.adaptive import joint
+    from benchmarks.adaptive.common import Budget, Context, Judge
+
+    det = fitted
+    x = _data(24, 12)
+    with torch.no_grad():
+        y = det.model(x).argmax(1)
+    counts = []
+    for eps in (0.02, 0.1, 0.5):
+        sur = Surrogate(det)
+        ctx = Context(sur, Judge(sur), Budget("linf", eps), steps=20, judge_every=1)
+        tr = joint.attack(ctx, x, y)
+        ok = tr.found
+        assert bool(ctx.budget.inside(tr.x_point, x).all())
+        if ok.any():  # every counted point is misclassified and unflagged by the served detector
+            res = det.score(tr.x_point[ok])
+            assert bool((res.label != y[ok]).all()) and not bool(res.flagged.any())
+        counts.append(int(ok.sum()))
+    assert counts == sorted(counts) and counts[-1] - counts[0] >= 5, counts
