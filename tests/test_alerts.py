@@ -657,7 +657,7 @@ def test_alarm_on_the_service_counters_clean_then_out_of_distribution(tmp_path):
     (alpha, m, n0, k0), (_, _, n1, k1), (_, _, n2, k2) = seen
     assert alpha == 0.05  # the bundled detector's alpha
     assert (n0, k0) == (0, 0) and n1 - n0 == 400 and n2 - n1 == 200
-    assert m == 6000  # gga_calibration_size: the bundled detector's 6,000 held-out validation images
+    assert m == 4000  # gga_calibration_size: the bundled detector's 4,000 held-out validation images
     assert not alarm(alpha, n1 - n0, k1 - k0, m), f"clean digits: {k1 - k0} of 400 flagged"
     assert (k1 - k0) / 400 <= bound(alpha, 400, m)
     assert alarm(alpha, n2 - n1, k2 - k1, m), f"Fashion-MNIST: {k2 - k1} of 200 flagged"

@@ -80,8 +80,10 @@ class _CachedGGA(GGADetector):
         super().__init__(model, **kwargs)
         self._cached = (feats.float(), pred)
 
-    def features(self, x, batch_size=256, progress=None, run=None):  # noqa: ARG002 - the parent's signature
-        return self._cached
+    def _features_logits(self, x, batch_size=256, progress=None, run=None):  # noqa: ARG002 - the parent's signature
+        feats, pred = self._cached
+        # no logits are cached: fit uses them only for the decisions of a separate calibration set, never given here
+        return feats, pred, torch.empty(len(pred), 0)
 
 
 class GGABank:

@@ -169,7 +169,7 @@ def test_gga_load_on_the_bundled_default_says_it_is_a_composite():
     assert isinstance(det, CompositeDetector) and isinstance(det, Detector)
     assert describe(det) == {"kind": "composite", "preset": "composite",
                              "components": ["gga", "margin", "energy", "layer:features.1", "layer:features.3",
-                                            "layer:features.6", "layer:features.8", "layer:act"]}
+                                            "layer:features.6", "layer:features.8", "layer:act", "disagreement"]}
 
 
 def test_presets_build_contract_detectors():

@@ -86,7 +86,7 @@ def test_bundled_detector_carries_sets_and_gate_and_they_roundtrip(tmp_path, bun
     det = load_detector(directory, model)
     info = det.decisions.info()
     assert (info["set_alpha"], info["set_score"], info["risk_target"], info["delta"]) == (0.1, "lac", 0.01, 0.05)
-    assert info["gate_score"] == "margin" and info["n_calibration"] == 6000 and info["gate_error"] is None
+    assert info["gate_score"] == "margin" and info["n_calibration"] == 4000 and info["gate_error"] is None
     keys = set(load_file(str(directory / "detector.safetensors")))
     assert {"decisions.sets.quantiles", "decisions.sets.params", "decisions.gate"} <= keys
     det.save(tmp_path / "copy")

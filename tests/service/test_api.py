@@ -66,11 +66,12 @@ def test_info_health_ready_and_openapi(tmp_path):
             assert info["class_names"] == [str(i) for i in range(10)]
             assert info["detector_version"] == "v0" and info["device"] == "cpu"
             assert info["batching"]["max_batch_rows"] == 32
-            assert info["detector"]["fit"]["n_calibration"] == 6000  # all 6,000 held-out validation images
+            assert info["detector"]["fit"]["n_calibration"] == 4000  # the first 4,000 held-out validation images
             assert (info["detector"]["kind"], info["detector"]["preset"]) == ("composite", "composite")
             assert info["detector"]["components"] == ["gga", "margin", "energy", "layer:features.1",
                                                       "layer:features.3", "layer:features.6", "layer:features.8",
-                                                      "layer:act"]
+                                                      "layer:act", "disagreement"]
+            assert info["detector"]["config"]["second_opinion"] == "robust_mnist_cnn"
             assert info["model_card"]["test_accuracy"] >= 0.99
             spec = (await svc.client.get("/openapi.json")).json()
             content = spec["paths"]["/predict"]["post"]["requestBody"]["content"]
