@@ -35,8 +35,18 @@ def evaluation_of(result: dict, report: str) -> dict:
         attacks = {name: round(a["robust_detection"], 4) for name, a in run["attacks"].items()}
         budgets[budget] = {"n": run["n"], "n_correct": run["n_correct"],
                            "clean_flag_rate": round(run["clean_flag_rate"], 4), "robust_detection": attacks}
+    out_sanity = None
+    if result.get("sanity"):
+        unbounded = float(result["sanity"]["unbounded"]["success"])
+        out_sanity = {"unbounded_success": unbounded,
+                      "eps_sweep_success": {k: v["success"] for k, v in result["sanity"]["eps_sweep"].items()}}
+        if unbounded < 1.0:
+            out_sanity["caveat"] = (f"the unbounded attack succeeded on only {unbounded:.0%} of the sanity inputs: "
+                                    "the attacks are weaker than an ideal attacker, so robust detection is an upper "
+                                    "bound")
     return {
         "kind": "adaptive attacks (benchmarks/adaptive)",
+        "sanity": out_sanity,
         "threat_models": THREAT_MODELS,
         "data": s["data"], "split": s["split"], "steps_for": s["steps_for"], "gga_in_surrogate": s["gga"],
         "budgets": budgets,
