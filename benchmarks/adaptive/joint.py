@@ -17,35 +17,19 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.adaptive.common import Context, Tracker, descend, detector_hinge, gradient, targeted_margin
+from benchmarks.adaptive.common import Context, Tracker
+from benchmarks.adaptive.multitarget import targeted_runs
 
 NAME = "joint"
 
 
 def attack(ctx: Context, x: torch.Tensor, y: torch.Tensor, *, c: float = 0.1) -> Tracker:
-    tracker = Tracker(x)
-    sur = ctx.surrogate
-    thr = sur.threshold
-    guard = "disagreement" in sur.names
-    with torch.no_grad():
-        z = sur.model(x)
-    order = z.scatter(1, y[:, None], -torch.inf).argsort(dim=1, descending=True)[:, : z.shape[1] - 1]
-    for rnd in range(ctx.restarts):
-        weight = c * 10.0 ** rnd
-        for k in range(order.shape[1]):
-            target = order[:, k]
+    kappa = ctx.kappa
 
-            def direction(xa: torch.Tensor, rows: torch.Tensor, target=target, weight=weight):
-                out = sur(xa, target=target[rows])
-                loss = targeted_margin(out.logits, target[rows], ctx.kappa).double()
-                if guard:
-                    loss = loss + out.components[:, -1].clamp(min=-ctx.kappa)
-                loss = loss + weight * detector_hinge(out, thr, ctx.delta)
-                return gradient(loss, xa), out
+    def disagreement(out, target: torch.Tensor) -> torch.Tensor:
+        # the second opinion's margin for t, pushed up to kappa (the disagreement component is the last)
+        if "disagreement" not in ctx.surrogate.names:
+            return torch.zeros(len(target), dtype=torch.float64)
+        return out.components[:, -1].clamp(min=-kappa)
 
-            rows = torch.nonzero(~tracker.found)[:, 0]
-            if len(rows) == 0:
-                return tracker
-            descend(ctx, x, y, rows, direction, tracker)
-            ctx.log(f"joint restart {rnd + 1} target rank {k + 1}: {int(tracker.found.sum())}/{len(x)} found")
-    return tracker
+    return targeted_runs(ctx, x, y, NAME, disagreement, c=c)

@@ -8,14 +8,25 @@ an accepted point. Runs stop for inputs already broken.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from benchmarks.adaptive.common import Context, Tracker, descend, detector_hinge, gradient, targeted_margin
+from benchmarks.adaptive.surrogate import SurrogateOutput
 
 NAME = "multitarget"
 
 
 def attack(ctx: Context, x: torch.Tensor, y: torch.Tensor, *, c: float = 0.1) -> Tracker:
+    return targeted_runs(ctx, x, y, NAME, lambda out, target: torch.zeros(len(target), dtype=torch.float64), c=c)
+
+
+def targeted_runs(ctx: Context, x: torch.Tensor, y: torch.Tensor, name: str,
+                  extra: Callable[[SurrogateOutput, torch.Tensor], torch.Tensor], *, c: float = 0.1) -> Tracker:
+    """One run per wrong class t (most likely first) from the clean input, minimising the targeted margin
+    + ``extra(out, t)`` + c · the detector hinge, with the surrogate scored for t; restarts r > 0 use
+    c · 10^r. Shared by this attack and :mod:`.joint`."""
     tracker = Tracker(x)
     thr = ctx.surrogate.threshold
     with torch.no_grad():
@@ -28,7 +39,7 @@ def attack(ctx: Context, x: torch.Tensor, y: torch.Tensor, *, c: float = 0.1) ->
 
             def direction(xa: torch.Tensor, rows: torch.Tensor, target=target, weight=weight):
                 out = ctx.surrogate(xa, target=target[rows])
-                loss = targeted_margin(out.logits, target[rows], ctx.kappa).double()
+                loss = targeted_margin(out.logits, target[rows], ctx.kappa).double() + extra(out, target[rows])
                 loss = loss + weight * detector_hinge(out, thr, ctx.delta)
                 return gradient(loss, xa), out
 
@@ -36,5 +47,5 @@ def attack(ctx: Context, x: torch.Tensor, y: torch.Tensor, *, c: float = 0.1) ->
             if len(rows) == 0:
                 return tracker
             descend(ctx, x, y, rows, direction, tracker)
-            ctx.log(f"multitarget restart {rnd + 1} target rank {k + 1}: {int(tracker.found.sum())}/{len(x)} found")
+            ctx.log(f"{name} restart {rnd + 1} target rank {k + 1}: {int(tracker.found.sum())}/{len(x)} found")
     return tracker
