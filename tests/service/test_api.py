@@ -72,6 +72,11 @@ def test_info_health_ready_and_openapi(tmp_path):
                                                       "layer:features.3", "layer:features.6", "layer:features.8",
                                                       "layer:act", "disagreement"]
             assert info["detector"]["config"]["second_opinion"] == "robust_mnist_cnn"
+            # what the adaptive suite measured on this fitted state (benchmarks/adaptive/attach.py), caveat included
+            ev = info["detector"]["evaluation"]
+            assert (ev["split"], ev["budgets"]["linf:0.3"]["n_correct"]) == ("test", 199)
+            assert ev["budgets"]["linf:0.3"]["robust_detection"]["best_of_all"] == 1.0
+            assert ev["sanity"]["unbounded_success"] < 1.0 and "upper bound" in ev["sanity"]["caveat"]
             assert info["model_card"]["test_accuracy"] >= 0.99
             spec = (await svc.client.get("/openapi.json")).json()
             content = spec["paths"]["/predict"]["post"]["requestBody"]["content"]
