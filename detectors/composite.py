@@ -524,7 +524,11 @@ class CompositeDetector(DetectorBase):
                 weights = second_opinion_weights(state)
                 if not weights:
                     raise ValueError(f"detector state is missing the {c.second_opinion} second opinion's weights")
-                self.second = build_second_opinion(c.second_opinion, weights).to(model_device(self.model))
+                try:  # into the module the constructor built: the saved weights win over the packaged ones
+                    self.second.load_state_dict(weights)
+                except RuntimeError as exc:
+                    raise ValueError(f"the saved weights do not fit the {c.second_opinion} second opinion: {exc}") \
+                        from exc
         except KeyError as exc:
             raise ValueError(f"detector state is missing {exc}") from exc
         k = len(self.component_names)
