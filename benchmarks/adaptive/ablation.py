@@ -17,7 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
-WHITE_BOX = ("cw", "multitarget", "joint", "orthogonal", "feature_match")
+WHITE_BOX = ("cw", "multitarget", "joint", "guided", "orthogonal", "feature_match")
 
 
 def row_of(label: str, result: dict) -> list[dict]:
@@ -50,9 +50,9 @@ def render(rows: list[dict]) -> str:
              "White-box: the attacker knows the fitted detector; *best of white-box* counts an input broken "
              "when any white-box attack broke it. Transfer: the attacker fits its own detector (same recipe "
              "and public second opinion, other seed and samples) and only the served detector judges.", "",
-             "| detector | split (n correct) | budget | clean flag rate | CW | multi-targeted | joint | orthogonal | "
-             "feature matching | **best of white-box** | transfer |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| detector | split (n correct) | budget | clean flag rate | CW | multi-targeted | joint | guided start | "
+             "orthogonal | feature matching | **best of white-box** | transfer |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         rd = r["robust_detection"]
         lines.append(f"| {r['label']} | {r['split']} ({r['n_correct']}) | {r['budget']} | "
@@ -60,7 +60,8 @@ def render(rows: list[dict]) -> str:
                      + f" | **{pct(r['white_box_best_of_all'])}** | {pct(rd.get('transfer'))} |")
     steps = sorted({r["steps_for"] for r in rows})
     lines += ["", "Steps × restarts per attack: " + "; ".join(f"`{s}`" for s in steps)
-              + ". Every attack starts from the clean input (a random start is weaker here: noise is flagged).", ""]
+              + ". Every attack but the guided one starts from the clean input (a random start is weaker here: noise "
+              "is flagged); the guided attack starts from an image of the target class projected into the ball.", ""]
     return "\n".join(lines)
 
 

@@ -16,6 +16,7 @@ import json
 import math
 from pathlib import Path
 
+from benchmarks.adaptive.run import sanity_by_attack
 from detectors.storage import META_FILE
 
 THREAT_MODELS = {
@@ -37,9 +38,12 @@ def evaluation_of(result: dict, report: str) -> dict:
                            "clean_flag_rate": round(run["clean_flag_rate"], 4), "robust_detection": attacks}
     out_sanity = None
     if result.get("sanity"):
-        unbounded = float(result["sanity"]["unbounded"]["success"])
-        out_sanity = {"unbounded_success": unbounded,
-                      "eps_sweep_success": {k: v["success"] for k, v in result["sanity"]["eps_sweep"].items()}}
+        checks = sanity_by_attack(result["sanity"])
+        per_attack = {name: {"unbounded_success": float(c["unbounded"]["success"]),
+                             "eps_sweep_success": {k: v["success"] for k, v in c["eps_sweep"].items()}}
+                      for name, c in checks.items()}
+        unbounded = max(a["unbounded_success"] for a in per_attack.values())
+        out_sanity = {"unbounded_success": unbounded, "attacks": per_attack}
         if unbounded < 1.0:
             out_sanity["caveat"] = (f"the unbounded attack succeeded on only {unbounded:.0%} of the sanity inputs: "
                                     "the attacks are weaker than an ideal attacker, so robust detection is an upper "

@@ -132,15 +132,17 @@ Direction = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, Surrogate
 
 
 def descend(ctx: Context, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, direction: Direction,
-            tracker: Tracker, *, use_tracker_rows: bool = True) -> torch.Tensor:
-    """Projected descent from x[rows] along ``direction(x_adv, rows) -> (d [b, ...], surrogate output)``
-    for ``ctx.steps`` steps; inputs are dropped once the judge accepts a point. Returns the last
-    iterate of every row in ``rows`` (detached), also written to ``tracker.x_point`` for unsolved rows."""
+            tracker: Tracker, *, use_tracker_rows: bool = True, start: torch.Tensor | None = None) -> torch.Tensor:
+    """Projected descent from x[rows] (or from ``start[rows]``, a point of the ball around x) along
+    ``direction(x_adv, rows) -> (d [b, ...], surrogate output)`` for ``ctx.steps`` steps; inputs are
+    dropped once the judge accepts a point. Returns the last iterate of every row in ``rows``
+    (detached), also written to ``tracker.x_point`` for unsolved rows."""
     rows = rows[~tracker.found[rows]] if use_tracker_rows else rows
-    last = x[rows].clone()
+    x0 = x if start is None else start
+    last = x0[rows].clone()
     if len(rows) == 0:
         return last
-    x_adv = x[rows].clone()
+    x_adv = x0[rows].clone()
     active = torch.arange(len(rows))
     thr = ctx.surrogate.threshold
     for t in range(ctx.steps + 1):

@@ -19,17 +19,18 @@ import torch
 
 from benchmarks.adaptive.common import Context, Tracker
 from benchmarks.adaptive.multitarget import targeted_runs
+from benchmarks.adaptive.surrogate import SurrogateOutput
 
 NAME = "joint"
 
 
 def attack(ctx: Context, x: torch.Tensor, y: torch.Tensor, *, c: float = 0.1) -> Tracker:
-    kappa = ctx.kappa
+    return targeted_runs(ctx, x, y, NAME, lambda out, target: disagreement_term(ctx, out, target), c=c)
 
-    def disagreement(out, target: torch.Tensor) -> torch.Tensor:
-        # the second opinion's margin for t, pushed up to kappa (the disagreement component is the last)
-        if "disagreement" not in ctx.surrogate.names:
-            return torch.zeros(len(target), dtype=torch.float64)
-        return out.components[:, -1].clamp(min=-kappa)
 
-    return targeted_runs(ctx, x, y, NAME, disagreement, c=c)
+def disagreement_term(ctx: Context, out: SurrogateOutput, target: torch.Tensor) -> torch.Tensor:
+    """max(d_t, −κ) [B]: the second opinion's disagreement with class t (scored for t: the last component),
+    pushed down to −κ; zeros without a second opinion."""
+    if "disagreement" not in ctx.surrogate.names:
+        return torch.zeros(len(target), dtype=torch.float64)
+    return out.components[:, -1].clamp(min=-ctx.kappa)

@@ -23,15 +23,19 @@ def attack(ctx: Context, x: torch.Tensor, y: torch.Tensor, *, c: float = 0.1) ->
 
 
 def targeted_runs(ctx: Context, x: torch.Tensor, y: torch.Tensor, name: str,
-                  extra: Callable[[SurrogateOutput, torch.Tensor], torch.Tensor], *, c: float = 0.1) -> Tracker:
-    """One run per wrong class t (most likely first) from the clean input, minimising the targeted margin
-    + ``extra(out, t)`` + c · the detector hinge, with the surrogate scored for t; restarts r > 0 use
-    c · 10^r. Shared by this attack and :mod:`.joint`."""
+                  extra: Callable[[SurrogateOutput, torch.Tensor], torch.Tensor], *, c: float = 0.1,
+                  order: torch.Tensor | None = None,
+                  start: Callable[[int, int], torch.Tensor] | None = None) -> Tracker:
+    """One run per wrong class t (``order`` [n, K]: default every wrong class, most likely first) from
+    the clean input (or from ``start(restart, k)`` [n, ...], a point of the ball, for the k-th target),
+    minimising the targeted margin + ``extra(out, t)`` + c · the detector hinge, with the surrogate
+    scored for t; restarts r > 0 use c · 10^r. Shared by this attack, :mod:`.joint` and :mod:`.guided`."""
     tracker = Tracker(x)
     thr = ctx.surrogate.threshold
-    with torch.no_grad():
-        z = ctx.surrogate.model(x)
-    order = z.scatter(1, y[:, None], -torch.inf).argsort(dim=1, descending=True)[:, : z.shape[1] - 1]
+    if order is None:
+        with torch.no_grad():
+            z = ctx.surrogate.model(x)
+        order = z.scatter(1, y[:, None], -torch.inf).argsort(dim=1, descending=True)[:, : z.shape[1] - 1]
     for rnd in range(ctx.restarts):
         weight = c * 10.0 ** rnd
         for k in range(order.shape[1]):
@@ -46,6 +50,6 @@ def targeted_runs(ctx: Context, x: torch.Tensor, y: torch.Tensor, name: str,
             rows = torch.nonzero(~tracker.found)[:, 0]
             if len(rows) == 0:
                 return tracker
-            descend(ctx, x, y, rows, direction, tracker)
+            descend(ctx, x, y, rows, direction, tracker, start=None if start is None else start(rnd, k))
             ctx.log(f"{name} restart {rnd + 1} target rank {k + 1}: {int(tracker.found.sum())}/{len(x)} found")
     return tracker

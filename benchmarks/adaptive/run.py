@@ -17,10 +17,12 @@ transfer attacker's own fit come from the model's training part minus the detect
 
 Robust detection (:mod:`benchmarks.adaptive.metrics`) per attack and for the best of all,
 at every budget in ``--budgets``. Sanity checks (Carlini et al. 2019, "On Evaluating
-Adversarial Robustness"), with the CW attack on the first ``--sanity-n`` correctly classified
-inputs at the first budget (run right after it): success rate over an ε sweep (must rise to
-100%), at steps/4, steps/2 and steps (must not fall), unbounded (ε = 1 in L∞ covers the whole
-image box: must reach 100%), and without the detector term (c = 0: the classifier's own robust accuracy, expected ≈ 0%).
+Adversarial Robustness"), with the CW attack (from the clean input) and the guided attack (from
+a projected image of another class) on the first ``--sanity-n`` correctly classified inputs at
+the first budget (run right after it): success rate over an ε sweep (must rise to 100%), at
+steps/4, steps/2 and steps (must not fall), unbounded (ε = 1 in L∞ covers the whole image box:
+must reach 100%), and CW without the detector term (c = 0: the classifier's own robust accuracy,
+expected ≈ 0%).
 """
 
 from __future__ import annotations
@@ -36,14 +38,15 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from benchmarks.adaptive import cw, feature_match, joint, multitarget, orthogonal, transfer
+from benchmarks.adaptive import cw, feature_match, guided, joint, multitarget, orthogonal, transfer
 from benchmarks.adaptive.common import Budget, Context, Judge
 from benchmarks.adaptive.metrics import summary
 from benchmarks.adaptive.surrogate import GGA_MODES, Surrogate
 from detectors.composite import CompositeDetector
 from detectors.datasets import load_idx_split
 
-ATTACKS = ("cw", "orthogonal", "feature_match", "multitarget", "joint", "transfer")
+ATTACKS = ("cw", "orthogonal", "feature_match", "multitarget", "joint", "guided", "transfer")
+SANITY_ATTACKS = ("cw", "guided")
 DEFAULT_BUDGETS = {"mnist": ("linf:0.3", "l2:2.0")}
 
 
@@ -200,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.sanity_only:
         previous = json.loads(Path(f"{args.out}.json").read_text())
         previous["sanity"] = sanity_checks(sur, xc[: args.sanity_n], yc[: args.sanity_n], args.budgets[0],
-                                           args.sanity_steps, args.judge_every, log)
+                                           args.sanity_steps, args.judge_every, log, pool_x, pool_y)
         _write(args.out, previous)
         return previous
     for budget in args.budgets:
@@ -222,6 +225,8 @@ def main(argv: list[str] | None = None) -> dict:
                 tr = multitarget.attack(ctx, xc, yc)
             elif name == "joint":
                 tr = joint.attack(ctx, xc, yc)
+            elif name == "guided":
+                tr = guided.attack(ctx, xc, yc, pool_x=pool_x, pool_y=pool_y)
             else:
                 tr = transfer.attack(ctx, xc, yc, own_detector=own_detector())
             found = tr.found & budget.inside(tr.x_point, xc)
@@ -237,7 +242,7 @@ def main(argv: list[str] | None = None) -> dict:
             _write(args.out, results)  # after every attack: a run cut short keeps what it measured
         if args.sanity_n > 0 and "sanity" not in results:  # after the first budget, before the others
             results["sanity"] = sanity_checks(sur, xc[: args.sanity_n], yc[: args.sanity_n], budget,
-                                              args.sanity_steps, args.judge_every, log)
+                                              args.sanity_steps, args.judge_every, log, pool_x, pool_y)
         _write(args.out, results)
     results["seconds"] = round(time.time() - t_start, 1)
     _write(args.out, results)
@@ -246,33 +251,42 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def sanity_checks(sur: Surrogate, x: torch.Tensor, y: torch.Tensor, budget: Budget, steps: int,
-                  judge_every: int, log) -> dict:
-    """Success rates of the CW attack (one round, c = 0.1, the step size of ``budget``) on x: over an
-    ε sweep, over steps, unbounded, and without the detector term (c = 0: the classifier alone)."""
-    def rate(b: Budget, n_steps: int, c0: float = 0.1) -> dict:
+                  judge_every: int, log, pool_x: torch.Tensor, pool_y: torch.Tensor) -> dict:
+    """Success rates on x of the CW attack (one round, c = 0.1) and of the guided attack (one restart),
+    with the step size of ``budget``: over an ε sweep, over steps and unbounded; and of CW without the
+    detector term (c = 0: the classifier alone)."""
+    def rate(name: str, b: Budget, n_steps: int, c0: float = 0.1) -> dict:
         judge = Judge(sur)
         ctx = Context(sur, judge, b, steps=n_steps, restarts=1, judge_every=judge_every, step_eps=budget.eps)
-        tr = cw.attack(ctx, x, y, c0=c0, search=False)
+        if name == "cw":
+            tr = cw.attack(ctx, x, y, c0=c0, search=False)
+        else:
+            tr = guided.attack(ctx, x, y, pool_x=pool_x, pool_y=pool_y)
         found = tr.found & b.inside(tr.x_point, x)
         with torch.no_grad():
             fooled = sur.model(tr.x_point).argmax(dim=1) != y
         return {"success": float(found.float().mean()), "misclassified": float(fooled.float().mean())}
 
-    out: dict = {"n": len(x), "budget": f"{budget.norm}:{budget.eps}", "steps": steps}
+    out: dict = {"n": len(x), "budget": f"{budget.norm}:{budget.eps}", "steps": steps, "attacks": {}}
     scales = (0.25, 0.5, 1.0, 1.5, 2.0)
     cap = 1.0 if budget.norm == "linf" else 28.0
     sweep = [round(min(budget.eps * s, cap), 4) for s in scales]
-    out["eps_sweep"] = {str(eps): rate(Budget(budget.norm, eps), steps) for eps in sweep}
-    log(f"sanity eps sweep {out['eps_sweep']}")
-    out["steps_sweep"] = {str(max(1, steps // d)): rate(budget, max(1, steps // d)) for d in (4, 2, 1)}
-    log(f"sanity steps sweep {out['steps_sweep']}")
-    out["unbounded"] = rate(Budget(budget.norm, cap), steps)
-    log(f"sanity unbounded {out['unbounded']}")
+    for name in SANITY_ATTACKS:
+        checks = {"eps_sweep": {str(eps): rate(name, Budget(budget.norm, eps), steps) for eps in sweep},
+                  "steps_sweep": {str(max(1, steps // d)): rate(name, budget, max(1, steps // d)) for d in (4, 2, 1)},
+                  "unbounded": rate(name, Budget(budget.norm, cap), steps)}
+        out["attacks"][name] = checks
+        log(f"sanity {name}: {checks}")
     # without the detector term: the classifier's robust accuracy is 1 - misclassified
-    no_det = rate(budget, steps, c0=0.0)
+    no_det = rate("cw", budget, steps, c0=0.0)
     out["no_detector_term"] = {**no_det, "classifier_robust_accuracy": 1.0 - no_det["misclassified"]}
     log(f"sanity no detector term {out['no_detector_term']}")
     return out
+
+
+def sanity_by_attack(sanity: dict) -> dict[str, dict]:
+    """The per-attack sanity checks of a result (results written before the guided attack hold CW's only)."""
+    return sanity.get("attacks") or {"cw": {k: sanity[k] for k in ("eps_sweep", "steps_sweep", "unbounded")}}
 
 
 def _expand(v: torch.Tensor, correct: torch.Tensor) -> torch.Tensor:
@@ -307,17 +321,21 @@ def markdown(results: dict) -> str:
         lines.append("")
     if "sanity" in results:
         san = results["sanity"]
-        lines += [f"## Sanity checks (CW, one round, c = 0.1, {san['n']} inputs, {san['budget']}, "
+        lines += [f"## Sanity checks (CW: one round, c = 0.1; guided: one restart; {san['n']} inputs, {san['budget']}, "
                   f"{san['steps']} steps)",
-                  "", "| check | setting | success (misclassified, unflagged) | misclassified |", "|---|---|---|---|"]
-        for eps, r in san["eps_sweep"].items():
-            lines.append(f"| ε sweep | ε = {eps} | {100 * r['success']:.0f}% | {100 * r['misclassified']:.0f}% |")
-        for st, r in san["steps_sweep"].items():
-            lines.append(f"| steps | {st} | {100 * r['success']:.0f}% | {100 * r['misclassified']:.0f}% |")
-        r = san["unbounded"]
-        lines.append(f"| unbounded | whole box | {100 * r['success']:.0f}% | {100 * r['misclassified']:.0f}% |")
+                  "", "| attack | check | setting | success (misclassified, unflagged) | misclassified |",
+                  "|---|---|---|---|---|"]
+        for name, checks in sanity_by_attack(san).items():
+            for eps, r in checks["eps_sweep"].items():
+                lines.append(f"| {name} | ε sweep | ε = {eps} | {100 * r['success']:.0f}% | "
+                             f"{100 * r['misclassified']:.0f}% |")
+            for st, r in checks["steps_sweep"].items():
+                lines.append(f"| {name} | steps | {st} | {100 * r['success']:.0f}% | {100 * r['misclassified']:.0f}% |")
+            r = checks["unbounded"]
+            lines.append(f"| {name} | unbounded | whole box | {100 * r['success']:.0f}% | "
+                         f"{100 * r['misclassified']:.0f}% |")
         r = san["no_detector_term"]
-        lines.append(f"| no detector term | c = 0 | {100 * r['success']:.0f}% | {100 * r['misclassified']:.0f}% "
+        lines.append(f"| cw | no detector term | c = 0 | {100 * r['success']:.0f}% | {100 * r['misclassified']:.0f}% "
                      f"(classifier robust accuracy {100 * r['classifier_robust_accuracy']:.0f}%) |")
         lines.append("")
     return "\n".join(lines)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from benchmarks.adaptive import cw, feature_match, joint, multitarget, orthogonal, transfer
+from benchmarks.adaptive import cw, feature_match, guided, joint, multitarget, orthogonal, transfer
 from benchmarks.adaptive.common import Budget, Context, Judge
 from benchmarks.adaptive.metrics import robust_detection, summary, union
 from benchmarks.adaptive.surrogate import Surrogate
@@ -142,11 +142,41 @@ def test_multitarget_success_rises_with_the_budget(setup):
 
 def test_feature_match_success_rises_with_the_budget(setup):
     model, det, x, y = setup
-    px, py = _data(model, 200, 5)
-    res = det.score(px)
-    keep = ~res.flagged
-    run = lambda ctx, xa, ya: feature_match.attack(ctx, xa, ya, pool_x=px[keep], pool_y=py[keep])  # noqa: E731
+    px, py = _guides(model, det)
+    run = lambda ctx, xa, ya: feature_match.attack(ctx, xa, ya, pool_x=px, pool_y=py)  # noqa: E731
     _rises(_counts(run, det, x, y), 13)
+
+
+def _guides(model, det):
+    px, py = _data(model, 200, 5)
+    keep = ~det.score(px).flagged
+    return px[keep], py[keep]
+
+
+def test_guided_success_rises_with_the_budget_and_reaches_every_input_unbounded(setup):
+    model, det, x, y = setup
+    px, py = _guides(model, det)
+    run = lambda ctx, xa, ya: guided.attack(ctx, xa, ya, pool_x=px, pool_y=py)  # noqa: E731
+    counts = _counts(run, det, x, y, eps=(0.05, 0.15, 0.4, 1.0))
+    _rises(counts, 16)
+    # unbounded, the start is the guide itself (classified as its class, not flagged): all 16 at step 0
+    ctx = _context(det, 1.0, steps=1)
+    tr = guided.attack(ctx, x, y, pool_x=px, pool_y=py)
+    assert int(tr.found.sum()) == 16 and bool((tr.step_found == 0).all())
+
+
+def test_guides_are_the_pool_images_the_projection_changes_least():
+    x = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
+    y = torch.tensor([0, 1])
+    pool_x = torch.tensor([[0.2, 0.0], [0.9, 0.0], [0.1, 0.1], [1.0, 0.9], [0.0, 0.5]])
+    pool_y = torch.tensor([1, 1, 2, 2, 0])
+    cost = guided.projection_loss(x, pool_x, Budget("linf", 0.15))
+    # input 0: (0.2, 0) loses 0.05, (0.1, 0.1) nothing; input 1: (1.0, 0.9) nothing, (0, 0.5) loses ~1.08
+    assert cost[0, 0].item() == pytest.approx(0.05, abs=1e-5) and cost[0, 2].item() < 1e-5
+    classes, ranked = guided.guides(cost, y, pool_y, 3, depth=2)
+    assert classes.tolist() == [[2, 1], [2, 0]]
+    assert ranked[0].tolist() == [[2, 0], [3, 4]]
+    assert ranked[1].tolist() == [[3, 1], [2, 4]]  # the second nearest of each class (class 0 has one)
 
 
 def test_transfer_success_rises_with_the_budget(setup):
@@ -238,4 +268,4 @@ def test_ablation_table_counts_an_input_broken_by_any_white_box_attack(tmp_path)
     # white-box: inputs 1, 2, 5 broken (transfer is another threat model and stays out of it)
     assert rows[0]["white_box_best_of_all"] == 1 - 3 / 8
     text = (tmp_path / "abl.md").read_text()
-    assert "| with guard | val (8) | linf:0.3 | 10.0% | 75.0% | 75.0% |  |  |  | **62.5%** | 62.5% |" in text
+    assert "| with guard | val (8) | linf:0.3 | 10.0% | 75.0% | 75.0% |  |  |  |  | **62.5%** | 62.5% |" in text
