@@ -72,13 +72,18 @@ def guides(cost: torch.Tensor, y: torch.Tensor, pool_y: torch.Tensor, num_classe
 
 
 def attack(ctx: Context, x: torch.Tensor, y: torch.Tensor, *, pool_x: torch.Tensor, pool_y: torch.Tensor,
-           c: float = 0.1) -> Tracker:
-    """``pool_x``/``pool_y``: clean, correctly classified, unflagged samples of the classes (the guides)."""
+           c: float = 0.1, classes_per_input: int | None = None) -> Tracker:
+    """``pool_x``/``pool_y``: clean, correctly classified, unflagged samples of the classes (the guides);
+    ``classes_per_input``: try only that many target classes per input, nearest guide first (default all)."""
     if len(pool_x) == 0:
         raise ValueError("the guided attack needs a non-empty guide pool")
     with torch.no_grad():
         num_classes = int(ctx.surrogate.model(x[:1]).shape[1])
     classes, ranked = guides(projection_loss(x, pool_x, ctx.budget), y, pool_y, num_classes, ctx.restarts)
+    if classes_per_input is not None:
+        if classes_per_input < 1:
+            raise ValueError(f"classes_per_input must be >= 1, got {classes_per_input}")
+        classes, ranked = classes[:, :classes_per_input], [r[:, :classes_per_input] for r in ranked]
 
     def start(rnd: int, k: int) -> torch.Tensor:
         return ctx.budget.project(pool_x[ranked[rnd][:, k]], x)

@@ -73,6 +73,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--attacks", default=",".join(ATTACKS))
     p.add_argument("--budgets", nargs="+", type=parse_budget, default=None)
     p.add_argument("--steps-for", default="", help="per-attack steps/restarts, e.g. multitarget=100x1,cw=200x3")
+    p.add_argument("--guided-classes", type=int, default=None,
+                   help="target classes per input for the guided attack, nearest guide first (default: all)")
     p.add_argument("--temperature", type=float, default=0.05)
     p.add_argument("--gga", choices=GGA_MODES, default="omit")
     p.add_argument("--judge-every", type=int, default=5)
@@ -226,7 +228,7 @@ def main(argv: list[str] | None = None) -> dict:
             elif name == "joint":
                 tr = joint.attack(ctx, xc, yc)
             elif name == "guided":
-                tr = guided.attack(ctx, xc, yc, pool_x=pool_x, pool_y=pool_y)
+                tr = guided.attack(ctx, xc, yc, pool_x=pool_x, pool_y=pool_y, classes_per_input=args.guided_classes)
             else:
                 tr = transfer.attack(ctx, xc, yc, own_detector=own_detector())
             found = tr.found & budget.inside(tr.x_point, xc)

@@ -163,6 +163,13 @@ def test_guided_success_rises_with_the_budget_and_reaches_every_input_unbounded(
     ctx = _context(det, 1.0, steps=1)
     tr = guided.attack(ctx, x, y, pool_x=px, pool_y=py)
     assert int(tr.found.sum()) == 16 and bool((tr.step_found == 0).all())
+    # only the nearest guide's class: the same at the start unbounded, never more inside a small ball
+    tr = guided.attack(_context(det, 1.0, steps=1), x, y, pool_x=px, pool_y=py, classes_per_input=1)
+    assert int(tr.found.sum()) == 16
+    one = guided.attack(_context(det, 0.15), x, y, pool_x=px, pool_y=py, classes_per_input=1)
+    assert int(one.found.sum()) <= counts[1]
+    with pytest.raises(ValueError, match="classes_per_input"):
+        guided.attack(_context(det, 0.15), x, y, pool_x=px, pool_y=py, classes_per_input=0)
 
 
 def test_guides_are_the_pool_images_the_projection_changes_least():
