@@ -4,7 +4,8 @@
         "served default=benchmarks/results/adaptive_val_default.json" \\
         "without GGA (preset fast)=benchmarks/results/adaptive_val_fast.json" ...
 
-Each argument is ``label=path`` of a ``python -m benchmarks.adaptive`` JSON. Writes
+Each argument is ``label=path`` of a ``python -m benchmarks.adaptive`` JSON; ``--notes FILE`` appends
+a hand-written reading of the table (kept in the results folder, so a regenerated table keeps it). Writes
 ``<out>.md`` and ``<out>.json``: per row the split, n, the clean flag rate, robust detection per
 white-box attack, the transfer attack's and the best of all white-box attacks (transfer excluded:
 it is another threat model). ``python -m benchmarks.report`` puts ``adaptive_ablation.md`` into
@@ -69,6 +70,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("results", nargs="+", help="label=path of a benchmarks.adaptive JSON")
     p.add_argument("--out", type=Path, required=True, help="output path without suffix")
+    p.add_argument("--notes", type=Path, default=None, help="markdown appended after the table")
     args = p.parse_args(argv)
     rows = []
     for item in args.results:
@@ -78,6 +80,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows += row_of(label, json.loads(Path(path).read_text()))
     args.out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
     text = render(rows)
+    if args.notes is not None:
+        text += "\n" + args.notes.read_text()
     args.out.with_suffix(".md").write_text(text)
     print(text)
     return rows

@@ -271,8 +271,11 @@ def test_ablation_table_counts_an_input_broken_by_any_white_box_attack(tmp_path)
               "detector": {"components": ["margin", "disagreement"]}}
     path = tmp_path / "a.json"
     path.write_text(json.dumps(result))
-    rows = ablation.main(["--out", str(tmp_path / "abl"), f"with guard={path}"])
+    notes = tmp_path / "notes.md"
+    notes.write_text("Reading the table: input 2 fell to two attacks.\n")
+    rows = ablation.main(["--out", str(tmp_path / "abl"), "--notes", str(notes), f"with guard={path}"])
     # white-box: inputs 1, 2, 5 broken (transfer is another threat model and stays out of it)
     assert rows[0]["white_box_best_of_all"] == 1 - 3 / 8
     text = (tmp_path / "abl.md").read_text()
     assert "| with guard | val (8) | linf:0.3 | 10.0% | 75.0% | 75.0% |  |  |  |  | **62.5%** | 62.5% |" in text
+    assert text.endswith("\nReading the table: input 2 fell to two attacks.\n")
