@@ -5,8 +5,9 @@
 
 Adds ``evaluation`` to ``detector.json`` (the fitted state in ``detector.safetensors`` is not
 touched): the threat models, the budget, split and n, robust detection per attack and for the
-best of all, the clean flag rate, and where the report is. Refuses a result that was measured on
-another fitted state (the detector's threshold and components must be the result's).
+best of all, the clean flag rate, and where the report is; several results (e.g. one run per budget)
+are merged, budget by budget. Refuses a result that was measured on another fitted state (the
+detector's threshold and components must be the result's).
 """
 
 from __future__ import annotations
@@ -48,6 +49,11 @@ def evaluation_of(result: dict, report: str) -> dict:
             out_sanity["caveat"] = (f"the unbounded attack succeeded on only {unbounded:.0%} of the sanity inputs: "
                                     "the attacks are weaker than an ideal attacker, so robust detection is an upper "
                                     "bound")
+        weak = sorted(name for name, a in per_attack.items() if a["unbounded_success"] < 1.0)
+        if unbounded == 1.0 and weak:
+            out_sanity["note"] = (f"unbounded, {', '.join(weak)} (from the clean input) did not always succeed; "
+                                  "an attack that did shows that only the budget stops the suite, not that every "
+                                  "attack is as strong as an ideal one")
     return {
         "kind": "adaptive attacks (benchmarks/adaptive)",
         "sanity": out_sanity,
@@ -63,20 +69,38 @@ def evaluation_of(result: dict, report: str) -> dict:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--detector", type=Path, required=True, help="a saved detector folder")
-    p.add_argument("--result", type=Path, required=True, help="the suite's JSON for that detector")
+    p.add_argument("--result", type=Path, nargs="+", required=True,
+                   help="the suite's JSON for that detector (several: merged budget by budget)")
     args = p.parse_args(argv)
-    result = json.loads(args.result.read_text())
     meta_path = args.detector / META_FILE
     meta = json.loads(meta_path.read_text())
-    measured = result["detector"]
-    if measured["components"] != meta["components"] or not math.isclose(
-            measured["threshold"], meta["fit"]["threshold"], rel_tol=0, abs_tol=1e-12):
-        raise SystemExit(f"{args.result} was measured on another fitted state (threshold {measured['threshold']}, "
-                         f"components {measured['components']}) than {args.detector} "
-                         f"(threshold {meta['fit']['threshold']}, components {meta['components']})")
-    meta["evaluation"] = evaluation_of(result, str(args.result.with_suffix(".md")))
+    evaluation = None
+    for path in args.result:
+        result = json.loads(path.read_text())
+        measured = result["detector"]
+        if measured["components"] != meta["components"] or not math.isclose(
+                measured["threshold"], meta["fit"]["threshold"], rel_tol=0, abs_tol=1e-12):
+            raise SystemExit(f"{path} was measured on another fitted state (threshold {measured['threshold']}, "
+                             f"components {measured['components']}) than {args.detector} "
+                             f"(threshold {meta['fit']['threshold']}, components {meta['components']})")
+        ev = evaluation_of(result, str(path.with_suffix(".md")))
+        if evaluation is None:
+            evaluation = ev
+            continue
+        if (ev["data"], ev["split"]) != (evaluation["data"], evaluation["split"]):
+            raise SystemExit(f"{path} was measured on {ev['data']} {ev['split']}, the first result on "
+                             f"{evaluation['data']} {evaluation['split']}: attach one split at a time")
+        evaluation["budgets"].update(ev["budgets"])
+        evaluation["steps_for"] = sorted({*_as_list(evaluation["steps_for"]), ev["steps_for"]})
+        evaluation["report"] = sorted({*_as_list(evaluation["report"]), ev["report"]})
+        evaluation["sanity"] = evaluation["sanity"] or ev["sanity"]
+    meta["evaluation"] = evaluation
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")
     print(json.dumps(meta["evaluation"], indent=2))
+
+
+def _as_list(v) -> list:
+    return v if isinstance(v, list) else [v]
 
 
 if __name__ == "__main__":
