@@ -4,7 +4,9 @@
         "served default=benchmarks/results/adaptive_val_default.json" \\
         "without GGA (preset fast)=benchmarks/results/adaptive_val_fast.json" ...
 
-Each argument is ``label=path`` of a ``python -m benchmarks.adaptive`` JSON; ``--notes FILE`` appends
+Each argument is ``label=path`` of a ``python -m benchmarks.adaptive`` JSON, or ``label=path+path...``
+for runs of other attacks on the same detector and inputs (merged budget by budget: an input counts
+as broken when an attack of any of them broke it); ``--notes FILE`` appends
 a hand-written reading of the table (kept in the results folder, so a regenerated table keeps it). Writes
 ``<out>.md`` and ``<out>.json``: per row the split, n, the clean flag rate, robust detection per
 white-box attack, the transfer attack's and the best of all white-box attacks (transfer excluded:
@@ -19,6 +21,33 @@ import json
 from pathlib import Path
 
 WHITE_BOX = ("cw", "multitarget", "joint", "guided", "orthogonal", "feature_match")
+
+
+def merge(results: list[dict]) -> dict:
+    """One result from runs of other attacks against the same detector on the same inputs."""
+    first = results[0]
+    out = {**first, "settings": dict(first["settings"]), "runs": {}}
+    same = ("data", "split", "n", "seed", "gga")
+    steps = []
+    for r in results:
+        if any(r["settings"].get(k) != first["settings"].get(k) for k in same) or \
+                r["detector"].get("threshold") != first["detector"].get("threshold"):
+            mine = {k: r["settings"].get(k) for k in same}
+            theirs = {k: first["settings"].get(k) for k in same}
+            raise ValueError(f"results to merge must share the detector and {same}: {mine} vs {theirs}")
+        steps.append(r["settings"]["steps_for"])
+        for budget, run in r["runs"].items():
+            into = out["runs"].get(budget)
+            if into is None:
+                out["runs"][budget] = {**run, "attacks": dict(run["attacks"]),
+                                       "broken_index": dict(run["broken_index"])}
+                continue
+            if (into["n"], into["n_correct"]) != (run["n"], run["n_correct"]):
+                raise ValueError(f"{budget}: the runs attacked other inputs")
+            into["attacks"].update(run["attacks"])
+            into["broken_index"].update(run["broken_index"])
+    out["settings"]["steps_for"] = "; ".join(dict.fromkeys(steps))
+    return out
 
 
 def row_of(label: str, result: dict) -> list[dict]:
@@ -77,7 +106,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         label, _, path = item.partition("=")
         if not path:
             p.error(f"expected label=path, got {item!r}")
-        rows += row_of(label, json.loads(Path(path).read_text()))
+        rows += row_of(label, merge([json.loads(Path(part).read_text()) for part in path.split("+")]))
     args.out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
     text = render(rows)
     if args.notes is not None:

@@ -46,6 +46,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--top-n", type=int, default=None, help="classes in the CSM (default: the preset's choice)")
     p.add_argument("--guard-share", type=float, default=None,
                    help="composite with a second opinion: the flag budget share of its guard (default 0.3)")
+    p.add_argument("--without", choices=("logits", "layers"), action="append", default=[],
+                   help="composite: leave out the logit components (margin, energy) or the layer distances "
+                        "(the ablation under attack, benchmarks/adaptive/ablation.py); repeatable")
     args = p.parse_args(argv)
 
     model = MnistCNN()
@@ -72,6 +75,13 @@ def main(argv: list[str] | None = None) -> None:
         if getattr(det.config, "second_opinion", None) is None:
             p.error("--guard-share needs a composite (or fast) preset and a model card that names a second_opinion")
         det.config = replace(det.config, guard_share=args.guard_share)
+    if args.without:
+        if args.preset not in ("composite", "fast"):
+            p.error("--without needs the composite or fast preset")
+        no_layers = "layers" in args.without
+        det.config = replace(det.config, use_logits="logits" not in args.without,
+                             use_layers=det.config.use_layers and not no_layers,
+                             layers=None if no_layers else det.config.layers)
     det.fit(x, y, batch_size=500, progress=progress, calibration=(x_cal, y_cal))
     print()
     det.save(args.model_dir / "detector")

@@ -296,3 +296,14 @@ def test_ablation_table_counts_an_input_broken_by_any_white_box_attack(tmp_path)
     text = (tmp_path / "abl.md").read_text()
     assert "| with guard | val (8) | linf:0.3 | 10.0% | 75.0% | 75.0% |  |  |  |  | **62.5%** | 62.5% |" in text
     assert text.endswith("\nReading the table: input 2 fell to two attacks.\n")
+    # runs of other attacks on the same inputs merge: the guided attack adds input 7
+    run2 = {**run, "attacks": {"guided": {"broken": 2, "robust_detection": 0.75}}, "broken_index": {"guided": [1, 7]}}
+    path2 = tmp_path / "b.json"
+    path2.write_text(json.dumps({**result, "settings": {**result["settings"], "steps_for": "guided=5x1"},
+                                 "runs": {"linf:0.3": run2}}))
+    rows = ablation.main(["--out", str(tmp_path / "abl"), f"merged={path}+{path2}"])
+    assert rows[0]["white_box_best_of_all"] == 1 - 4 / 8
+    assert rows[0]["robust_detection"]["guided"] == 0.75 and rows[0]["steps_for"] == "cw=10x1; guided=5x1"
+    path2.write_text(json.dumps({**result, "settings": {**result["settings"], "split": "test"}}))
+    with pytest.raises(ValueError, match="must share"):
+        ablation.main(["--out", str(tmp_path / "abl"), f"merged={path}+{path2}"])
