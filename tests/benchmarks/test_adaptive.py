@@ -148,8 +148,12 @@ def test_feature_match_success_rises_with_the_budget(setup):
 
 
 def _guides(model, det):
+    """Guide images well inside the accepted region (trust >= 0.1, twice alpha), so that no guide
+    flips to flagged when scored in another batch (float results differ between batch splits).
+    The tiny model predicts three of its five classes: every one of them has guides."""
     px, py = _data(model, 200, 5)
-    keep = ~det.score(px).flagged
+    keep = det.score(px).trust >= 0.1
+    assert sorted(set(py[keep].tolist())) == [1, 3, 4]
     return px[keep], py[keep]
 
 
