@@ -7,6 +7,18 @@
 
 writes ``<out>.json`` (every setting, per-attack outcomes, sanity checks) and ``<out>.md``.
 
+Any saved composite (``--data npz``): the model is loaded as the server loads it (``GGA_MODEL``,
+``GGA_MODEL_WEIGHTS``, ``GGA_MODEL_CARD``; or ``--model`` for a folder with ``model_card.json``
+naming a built-in architecture and ``model.safetensors``), the attacked inputs are the first
+``--n`` of ``--inputs`` (an ``.npz`` with ``x`` (n, *input_shape) and integer ``y``, as for
+``gga-fit``; ``--split`` only labels them), and ``--public`` (the same format) holds the images an
+attacker may have: the first ``--pool`` are the guides, the next 2 × ``--transfer-fit`` the
+transfer attacker's fit and calibration halves. E.g. a CIFAR-10 composite:
+
+    GGA_MODEL=cifar_resnet56 GGA_MODEL_WEIGHTS=../shared/data/cifar10_resnet/resnet56-4bfd9763.th \
+    python -m benchmarks.adaptive --data npz --detector DIR --inputs test.npz --public train.npz \
+        --split test --budgets linf:0.0314 --out benchmarks/results/adaptive_cifar10
+
 Splits (MNIST): ``test`` is t10k; ``val`` is the model's 10% validation part after the
 detector's ``n_calibration`` images, in order (the bundled detector, ``detectors/zoo/fit_default.py``,
 calibrates on the first 4,000; the robust second opinion held out the first 5,000, so the first
@@ -44,6 +56,7 @@ from benchmarks.adaptive.metrics import summary
 from benchmarks.adaptive.surrogate import GGA_MODES, Surrogate
 from detectors.composite import CompositeDetector
 from detectors.datasets import load_idx_split
+from detectors.zoo import ARCHITECTURES
 
 ATTACKS = ("cw", "orthogonal", "feature_match", "multitarget", "joint", "guided", "transfer")
 SANITY_ATTACKS = ("cw", "guided")
@@ -62,9 +75,14 @@ def parse_budget(text: str) -> Budget:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--detector", type=Path, required=True, help="a saved composite detector folder")
-    p.add_argument("--model", type=Path, required=True, help="model folder (model.safetensors + model_card.json)")
-    p.add_argument("--data", choices=("mnist",), default="mnist")
+    p.add_argument("--model", type=Path, default=None,
+                   help="model folder (model.safetensors + model_card.json naming a built-in architecture); "
+                        "--data npz without it: the model the GGA_MODEL* environment names, as the server loads it")
+    p.add_argument("--data", choices=("mnist", "npz"), default="mnist")
     p.add_argument("--data-dir", type=Path, default=Path("/work/shared/data/mnist"))
+    p.add_argument("--inputs", type=Path, default=None, help="--data npz: the attacked inputs (x, y)")
+    p.add_argument("--public", type=Path, default=None,
+                   help="--data npz: images the attacker may hold (x, y): guides, then the transfer fit")
     p.add_argument("--split", choices=("val", "test"), default="val")
     p.add_argument("--n", type=int, default=200)
     p.add_argument("--pool", type=int, default=500, help="feature-matching guide images")
@@ -92,6 +110,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     bad = [a for a in args.attacks if a not in ATTACKS]
     if bad or not args.attacks:
         p.error(f"--attacks takes a comma-separated list of {ATTACKS}, got {bad or args.attacks}")
+    if args.data == "mnist" and args.model is None:
+        p.error("--data mnist needs --model (the folder of the MNIST model)")
+    if args.data == "npz" and (args.inputs is None or args.public is None):
+        p.error("--data npz needs --inputs and --public")
+    if args.data == "npz" and args.budgets is None:
+        p.error("--data npz needs --budgets (e.g. linf:0.0314 for CIFAR-10's 8/255)")
     args.budgets = args.budgets or [parse_budget(b) for b in DEFAULT_BUDGETS[args.data]]
     args.per_attack = {}
     for item in filter(None, args.steps_for.split(",")):
@@ -106,18 +130,40 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def load_model(model_dir: Path) -> tuple[torch.nn.Module, dict]:
-    card = json.loads((model_dir / "model_card.json").read_text())
-    if card.get("architecture") != "mnist_cnn":
-        raise ValueError(f"{model_dir}: only the mnist_cnn architecture is wired in, got {card.get('architecture')!r}")
-    from detectors.zoo.mnist_cnn import MnistCNN
+def load_model(model_dir: Path | None) -> tuple[torch.nn.Module, dict]:
+    """(model in eval mode, frozen; its card as a dict with ``class_names``) from a folder whose
+    ``model_card.json`` names a built-in architecture, or (``model_dir`` None) as the server loads it."""
+    if model_dir is None:
+        from service.fitcli import UsageError, load_served_model
 
-    model = MnistCNN(len(card["class_names"]))
-    model.load_state_dict(load_file(str(model_dir / "model.safetensors")))
+        try:
+            _, _, model, served_card = load_served_model({"device": "cpu"})
+        except UsageError as exc:
+            raise SystemExit(f"cannot load the model the GGA_MODEL* environment names: {exc}") from exc
+        card = {"name": served_card.name, "class_names": list(served_card.class_names)}
+    else:
+        card = json.loads((model_dir / "model_card.json").read_text())
+        arch = card.get("architecture")
+        if arch not in ARCHITECTURES:
+            raise SystemExit(f"{model_dir}: the card's architecture must be one of {sorted(ARCHITECTURES)}, "
+                             f"got {arch!r}")
+        model = ARCHITECTURES[arch](len(card["class_names"])) if arch == "mnist_cnn" else ARCHITECTURES[arch]()
+        model.load_state_dict(load_file(str(model_dir / "model.safetensors")))
     model.eval()
     for prm in model.parameters():
         prm.requires_grad_(False)
     return model, card
+
+
+def npz_pair(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """x (float32, in [0, 1] as given) and y (int64) of an .npz (pickles refused)."""
+    with np.load(path, allow_pickle=False) as f:
+        if "x" not in f or "y" not in f:
+            raise SystemExit(f"{path}: the .npz must hold arrays 'x' (n, *input_shape) and 'y' (n,)")
+        x, y = f["x"].astype(np.float32), f["y"].astype(np.int64)
+    if len(x) != len(y):
+        raise SystemExit(f"{path}: x holds {len(x)} images, y {len(y)} labels")
+    return x, y
 
 
 def mnist_splits(data_dir: Path, card: dict, meta_fit: dict, det_seed: int) -> dict[str, np.ndarray]:
@@ -145,15 +191,27 @@ def main(argv: list[str] | None = None) -> dict:
     det = CompositeDetector.load(args.detector, model)
     meta = json.loads((args.detector / "detector.json").read_text())
     rng = np.random.default_rng(args.seed)
-    sp = mnist_splits(args.data_dir, card, meta["fit"], meta["config"]["seed"])
-    unused = rng.permutation(sp["unused"])
-    if args.split == "test":
+    if args.data == "npz":
+        x_src, y_src = npz_pair(args.inputs)
+        take = np.arange(len(x_src))
+        pub_x, pub_y = npz_pair(args.public)
+        pool_x, pool_y = pub_x[: args.pool], pub_y[: args.pool]
+        sp = {"x": pub_x, "y": pub_y}
+        transfer_idx = np.arange(args.pool, min(len(pub_x), args.pool + 2 * args.transfer_fit))
+        if len(transfer_idx) < 2 and "transfer" in args.attacks:
+            raise SystemExit(f"{args.public} holds {len(pub_x)} images: none left for the transfer fit after "
+                             f"--pool {args.pool}")
+    elif args.split == "test":
+        sp = mnist_splits(args.data_dir, card, meta["fit"], meta["config"]["seed"])
+        unused = rng.permutation(sp["unused"])
         xt, yt = load_idx_split(args.data_dir, "t10k")
         order = rng.permutation(len(xt))
         x_src, y_src, take = xt, yt, order
         transfer_idx = unused[: 2 * args.transfer_fit]
         pool_x, pool_y = xt[order[args.n: args.n + args.pool]], yt[order[args.n: args.n + args.pool]]
     else:
+        sp = mnist_splits(args.data_dir, card, meta["fit"], meta["config"]["seed"])
+        unused = rng.permutation(sp["unused"])
         # the validation part after the calibration images, in order: neither the model nor the
         # detector saw them (nor, for the bundled default, the robust second opinion: it held out
         # the first 5,000 of the same permutation and the detector calibrates on the first 4,000)
@@ -184,7 +242,7 @@ def main(argv: list[str] | None = None) -> dict:
         nonlocal own
         if own is None:
             xs, ys = sp["x"][transfer_idx], sp["y"][transfer_idx]
-            half = args.transfer_fit
+            half = min(args.transfer_fit, len(xs) // 2)
             t0 = time.time()
             own = transfer.fit_own(model, torch.from_numpy(xs[:half]), torch.from_numpy(ys[:half]),
                                    torch.from_numpy(xs[half:]), torch.from_numpy(ys[half:]),

@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -311,3 +312,47 @@ def test_ablation_table_counts_an_input_broken_by_any_white_box_attack(tmp_path)
     path2.write_text(json.dumps({**result, "settings": {**result["settings"], "split": "test"}}))
     with pytest.raises(ValueError, match="must share"):
         ablation.main(["--out", str(tmp_path / "abl"), f"merged={path}+{path2}"])
+
+
+def test_the_suite_runs_on_any_saved_detector_from_npz_files(tmp_path, monkeypatch):
+    """``--data npz``: real MNIST digits in .npz files, a fast composite fitted here, the model named
+    once by a folder and once as the server names it (GGA_MODEL); unbounded, the guided attack breaks
+    every correctly classified input at its first step, and the transfer attacker fits on the rest."""
+    import numpy as np
+    from safetensors.torch import load_file
+
+    from benchmarks.adaptive import run
+    from detectors.datasets import load_idx_split
+    from detectors.presets import build_detector
+    from detectors.zoo import MnistCNN
+    from tests.support.service import MNIST
+
+    model_dir = Path(__file__).resolve().parents[2] / "service" / "default_model"
+    model = MnistCNN()
+    model.load_state_dict(load_file(str(model_dir / "model.safetensors")))
+    model.eval()
+    xt, yt = load_idx_split(MNIST, "t10k")
+    det = build_detector("fast", model, num_classes=10, layers=["features.1", "act"])
+    det.fit(torch.from_numpy(xt[:600]), torch.from_numpy(yt[:600]), calibration=(torch.from_numpy(xt[600:1000]),
+                                                                                 torch.from_numpy(yt[600:1000])))
+    det.save(tmp_path / "det")
+    np.savez(tmp_path / "inputs.npz", x=xt[1000:1012], y=yt[1000:1012])
+    np.savez(tmp_path / "public.npz", x=xt[2000:2400], y=yt[2000:2400])
+    common = ["--data", "npz", "--detector", str(tmp_path / "det"), "--inputs", str(tmp_path / "inputs.npz"),
+              "--public", str(tmp_path / "public.npz"), "--split", "test", "--n", "12", "--pool", "200",
+              "--transfer-fit", "100", "--sanity-n", "0"]
+    out = run.main(common + ["--model", str(model_dir), "--attacks", "guided,transfer", "--steps-for",
+                             "guided=2x1,transfer=2x1", "--budgets", "linf:1.0", "--out", str(tmp_path / "a")])
+    r = out["runs"]["linf:1.0"]
+    n_correct = int((det.score(torch.from_numpy(xt[1000:1012])).label == torch.from_numpy(yt[1000:1012])).sum())
+    assert (r["n"], r["n_correct"]) == (12, n_correct) and n_correct >= 10
+    assert r["attacks"]["guided"]["broken"] == n_correct and r["attacks"]["guided"]["robust_detection"] == 0.0
+    assert "transfer" in r["attacks"] and out["settings"]["data"] == "npz"
+    # the same inputs with the model named as for the server: the same clean outcome
+    monkeypatch.setenv("GGA_MODEL", "mnist_cnn")
+    out = run.main(common + ["--attacks", "guided", "--steps-for", "guided=2x1", "--budgets", "linf:1.0",
+                             "--out", str(tmp_path / "b")])
+    assert out["runs"]["linf:1.0"]["n_correct"] == n_correct
+    assert out["runs"]["linf:1.0"]["attacks"]["guided"]["broken"] == n_correct
+    with pytest.raises(SystemExit):
+        run.main(["--data", "npz", "--detector", str(tmp_path / "det"), "--out", str(tmp_path / "c")])
