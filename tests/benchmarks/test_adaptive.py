@@ -356,3 +356,23 @@ def test_the_suite_runs_on_any_saved_detector_from_npz_files(tmp_path, monkeypat
     assert out["runs"]["linf:1.0"]["attacks"]["guided"]["broken"] == n_correct
     with pytest.raises(SystemExit):
         run.main(["--data", "npz", "--detector", str(tmp_path / "det"), "--out", str(tmp_path / "c")])
+
+
+def test_cifar_setup_writes_a_fitted_composite_and_the_suites_npz_files(tmp_path):
+    import numpy as np
+
+    from benchmarks.adaptive import cifar_setup
+    from tests.support.service import MNIST
+
+    data = MNIST.parent
+    if not (data / "cifar10_resnet" / "resnet56-4bfd9763.th").exists():
+        pytest.skip("the shared CIFAR-10 weights are not beside the checkout")
+    info = cifar_setup.main(["--data-dir", str(data), "--out", str(tmp_path), "--n-fit", "200", "--n-cal", "30",
+                             "--n-inputs", "5", "--preset", "fast"])
+    assert info["components"] == ["margin", "energy", "layer:relu", "layer:layer1", "layer:layer2", "layer:layer3"]
+    assert (info["n_fit"], info["n_cal"], info["n_public"], info["n_inputs"]) == (200, 30, 10000 - 230, 5)
+    with np.load(tmp_path / "inputs.npz") as f:
+        assert f["x"].shape == (5, 3, 32, 32) and f["x"].dtype == np.float32 and 0 <= f["x"].min() <= f["x"].max() <= 1
+        assert f["y"].shape == (5,)
+    meta = json.loads((tmp_path / "detector" / "detector.json").read_text())
+    assert meta["fit"]["threshold"] == info["threshold"] and meta["fit"]["n_calibration"] == 30
