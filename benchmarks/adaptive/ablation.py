@@ -40,13 +40,14 @@ def merge(results: list[dict]) -> dict:
             into = out["runs"].get(budget)
             if into is None:
                 out["runs"][budget] = {**run, "attacks": dict(run["attacks"]),
-                                       "broken_index": dict(run["broken_index"])}
+                                       "broken_index": dict(run.get("broken_index", {}))}
                 continue
             if (into["n"], into["n_correct"]) != (run["n"], run["n_correct"]):
                 raise ValueError(f"{budget}: the runs attacked other inputs")
             into["attacks"].update(run["attacks"])
-            into["broken_index"].update(run["broken_index"])
+            into["broken_index"].update(run.get("broken_index", {}))
     out["settings"]["steps_for"] = "; ".join(dict.fromkeys(steps))
+    out["sanity"] = next((r["sanity"] for r in results if r.get("sanity")), None)
     return out
 
 

@@ -1,13 +1,14 @@
 """Write what the adaptive suite measured into a saved detector's JSON (shown by ``/info``).
 
     python -m benchmarks.adaptive.attach --detector service/default_model/detector \\
-        --result benchmarks/results/adaptive_mnist_default.json
+        --result benchmarks/results/adaptive_mnist_default.json [more results ...]
 
 Adds ``evaluation`` to ``detector.json`` (the fitted state in ``detector.safetensors`` is not
 touched): the threat models, the budget, split and n, robust detection per attack and for the
-best of all, the clean flag rate, and where the report is; several results (e.g. one run per budget)
-are merged, budget by budget. Refuses a result that was measured on another fitted state (the
-detector's threshold and components must be the result's).
+best of all, the clean flag rate, and where the report is. Several results (runs of other
+attacks or budgets on the same inputs) are merged attack by attack; the best of all is then the
+union of the inputs any attack broke. Refuses a result that was measured on another fitted
+state (the detector's threshold and components must be the result's).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import math
 from pathlib import Path
 
+from benchmarks.adaptive.ablation import merge
 from benchmarks.adaptive.run import sanity_by_attack
 from detectors.storage import META_FILE
 
@@ -29,12 +31,18 @@ THREAT_MODELS = {
 }
 
 
-def evaluation_of(result: dict, report: str) -> dict:
-    """The ``evaluation`` entry from an adaptive-suite result (``benchmarks.adaptive`` JSON)."""
+def evaluation_of(result: dict, report: str | list[str]) -> dict:
+    """The ``evaluation`` entry from an adaptive-suite result (``benchmarks.adaptive`` JSON, or several
+    merged by :func:`benchmarks.adaptive.ablation.merge`): the best of all attacks is the union of the
+    inputs any attack broke, recomputed where the result lists them."""
     s = result["settings"]
     budgets = {}
     for budget, run in result["runs"].items():
         attacks = {name: round(a["robust_detection"], 4) for name, a in run["attacks"].items()}
+        index = run.get("broken_index")
+        if index and run["n_correct"]:
+            broken = set().union(*(set(v) for v in index.values()))
+            attacks["best_of_all"] = round(1 - len(broken) / run["n_correct"], 4)
         budgets[budget] = {"n": run["n"], "n_correct": run["n_correct"],
                            "clean_flag_rate": round(run["clean_flag_rate"], 4), "robust_detection": attacks}
     out_sanity = None
@@ -70,11 +78,11 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--detector", type=Path, required=True, help="a saved detector folder")
     p.add_argument("--result", type=Path, nargs="+", required=True,
-                   help="the suite's JSON for that detector (several: merged budget by budget)")
+                   help="the suite's JSON for that detector (several: merged attack by attack)")
     args = p.parse_args(argv)
     meta_path = args.detector / META_FILE
     meta = json.loads(meta_path.read_text())
-    evaluation = None
+    results = []
     for path in args.result:
         result = json.loads(path.read_text())
         measured = result["detector"]
@@ -83,24 +91,16 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"{path} was measured on another fitted state (threshold {measured['threshold']}, "
                              f"components {measured['components']}) than {args.detector} "
                              f"(threshold {meta['fit']['threshold']}, components {meta['components']})")
-        ev = evaluation_of(result, str(path.with_suffix(".md")))
-        if evaluation is None:
-            evaluation = ev
-            continue
-        if (ev["data"], ev["split"]) != (evaluation["data"], evaluation["split"]):
-            raise SystemExit(f"{path} was measured on {ev['data']} {ev['split']}, the first result on "
-                             f"{evaluation['data']} {evaluation['split']}: attach one split at a time")
-        evaluation["budgets"].update(ev["budgets"])
-        evaluation["steps_for"] = sorted({*_as_list(evaluation["steps_for"]), ev["steps_for"]})
-        evaluation["report"] = sorted({*_as_list(evaluation["report"]), ev["report"]})
-        evaluation["sanity"] = evaluation["sanity"] or ev["sanity"]
+        results.append(result)
+    try:
+        merged = merge(results)
+    except ValueError as exc:
+        raise SystemExit(f"the results cannot be merged: {exc}") from exc
+    reports = [str(p.with_suffix(".md")) for p in args.result]
+    evaluation = evaluation_of(merged, reports[0] if len(reports) == 1 else reports)
     meta["evaluation"] = evaluation
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")
     print(json.dumps(meta["evaluation"], indent=2))
-
-
-def _as_list(v) -> list:
-    return v if isinstance(v, list) else [v]
 
 
 if __name__ == "__main__":

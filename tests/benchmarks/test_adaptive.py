@@ -253,11 +253,13 @@ def test_attach_writes_the_evaluation_into_the_saved_json_and_load_keeps_it(setu
     assert loaded.metadata()["evaluation"] == ev
     assert (tmp_path / "det" / "detector.safetensors").read_bytes() == tensors_before
     # a second budget's run is merged in; the sanity checks per attack, with a note where CW fell short
+    # (runs of other attacks on the same budget merge too: test_ablation_table_... checks the union)
     def checks(unbounded):
         return {"eps_sweep": {"0.3": {"success": 0.0}}, "steps_sweep": {},
                 "unbounded": {"success": unbounded, "misclassified": 1.0}}
     l2 = {"settings": {**result["settings"], "steps_for": "guided=50x2"},
-          "runs": {"l2:2.0": {**run, "attacks": {"guided": {"broken": 60, "robust_detection": 138 / 198}}}},
+          "runs": {"l2:2.0": {**run, "attacks": {"guided": {"broken": 60, "robust_detection": 138 / 198}},
+                              "broken_index": {"guided": list(range(60))}}},
           "detector": result["detector"],
           "sanity": {"attacks": {"cw": checks(0.1), "guided": checks(1.0)}}}
     path2 = tmp_path / "r2.json"
@@ -265,8 +267,10 @@ def test_attach_writes_the_evaluation_into_the_saved_json_and_load_keeps_it(setu
     attach.main(["--detector", str(tmp_path / "det"), "--result", str(path), str(path2)])
     ev = load_detector(tmp_path / "det", model).evaluation
     assert sorted(ev["budgets"]) == ["l2:2.0", "linf:0.3"]
-    assert ev["budgets"]["l2:2.0"]["robust_detection"] == {"guided": 0.697}
-    assert ev["steps_for"] == ["cw=100x2", "guided=50x2"]
+    # the best of all is the union of the inputs broken (recomputed from the indices where a run lists them)
+    assert ev["budgets"]["l2:2.0"]["robust_detection"] == {"guided": 0.697, "best_of_all": 0.697}
+    assert ev["steps_for"] == "cw=100x2; guided=50x2"
+    assert ev["report"] == [str(tmp_path / "r.md"), str(tmp_path / "r2.md")]
     assert ev["sanity"]["unbounded_success"] == 1.0 and "caveat" not in ev["sanity"]
     assert ev["sanity"]["attacks"]["cw"]["unbounded_success"] == 0.1 and "cw" in ev["sanity"]["note"]
     # a result measured on another fitted state is refused; a refit drops the evaluation
