@@ -47,7 +47,7 @@ def merge(results: list[dict]) -> dict:
             into["attacks"].update(run["attacks"])
             into["broken_index"].update(run.get("broken_index", {}))
     out["settings"]["steps_for"] = "; ".join(dict.fromkeys(steps))
-    out["sanity"] = next((r["sanity"] for r in results if r.get("sanity")), None)
+    out["sanity"] = next((r["sanity"] for r in reversed(results) if r.get("sanity")), None)  # later runs win
     return out
 
 

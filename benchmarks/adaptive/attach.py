@@ -24,8 +24,9 @@ from detectors.storage import META_FILE
 
 THREAT_MODELS = {
     "white_box": "the attacker knows the model, the detector's fitted state and threshold (and attacks the "
-                 "surrogate of its statistic, GGA left out or by BPDA); success = inside the ball, misclassified, "
-                 "not flagged by the served detector",
+                 "surrogate of its statistic, GGA left out or by BPDA, from the clean input or, guided, from a "
+                 "public image of another class projected into the ball); success = inside the ball, "
+                 "misclassified, not flagged by the served detector",
     "transfer": "the attacker knows the recipe, the model and the public second opinion, fits its own detector "
                 "on other samples with another seed, attacks that; the served detector judges",
 }
