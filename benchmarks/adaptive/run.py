@@ -44,6 +44,7 @@ import json
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +52,7 @@ import torch
 from safetensors.torch import load_file
 
 from benchmarks.adaptive import cw, feature_match, guided, joint, multitarget, orthogonal, transfer
-from benchmarks.adaptive.common import Budget, Context, Judge
+from benchmarks.adaptive.common import Budget, Context, Judge, Tracker
 from benchmarks.adaptive.metrics import summary
 from benchmarks.adaptive.surrogate import GGA_MODES, Surrogate
 from detectors.composite import CompositeDetector
@@ -179,17 +180,10 @@ def mnist_splits(data_dir: Path, card: dict, meta_fit: dict, det_seed: int) -> d
     return {"x": x_all, "y": y_all, "unused": unused, "val_cal_rest": val_idx[meta_fit["n_calibration"]:]}
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    t_start = time.time()
-
-    def log(msg: str) -> None:
-        print(f"[{time.time() - t_start:7.0f}s] {msg}", flush=True)
-
-    model, card = load_model(args.model)
-    det = CompositeDetector.load(args.detector, model)
-    meta = json.loads((args.detector / "detector.json").read_text())
+def select_data(args: argparse.Namespace, card: dict, meta: dict) -> dict[str, np.ndarray]:
+    """The attacked inputs (``x``, ``y``: the first ``--n`` of the split), the guide pool (``pool_x``,
+    ``pool_y``) and the transfer attacker's images (``transfer_x``, ``transfer_y``: fit half, then
+    calibration half), as the module docstring describes for each ``--data`` and ``--split``."""
     rng = np.random.default_rng(args.seed)
     if args.data == "npz":
         x_src, y_src = npz_pair(args.inputs)
@@ -221,9 +215,24 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"the validation part holds {len(take)} images after the calibration, --n {args.n}")
         pool_x, pool_y = sp["x"][unused[: args.pool]], sp["y"][unused[: args.pool]]  # public guide images
         transfer_idx = unused[args.pool: args.pool + 2 * args.transfer_fit]
-    x = torch.from_numpy(x_src[take[: args.n]])
-    y = torch.from_numpy(y_src[take[: args.n]])
-    pool_x, pool_y = torch.from_numpy(pool_x), torch.from_numpy(pool_y)
+    return {"x": x_src[take[: args.n]], "y": y_src[take[: args.n]], "pool_x": pool_x, "pool_y": pool_y,
+            "transfer_x": sp["x"][transfer_idx], "transfer_y": sp["y"][transfer_idx]}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t_start = time.time()
+
+    def log(msg: str) -> None:
+        print(f"[{time.time() - t_start:7.0f}s] {msg}", flush=True)
+
+    model, card = load_model(args.model)
+    det = CompositeDetector.load(args.detector, model)
+    meta = json.loads((args.detector / "detector.json").read_text())
+    data = select_data(args, card, meta)
+    x, y = torch.from_numpy(data["x"]), torch.from_numpy(data["y"])
+    pool_x, pool_y = torch.from_numpy(data["pool_x"]), torch.from_numpy(data["pool_y"])
 
     sur = Surrogate(det, temperature=args.temperature, gga=args.gga)
     clean = det.score(x, batch_size=256)
@@ -241,7 +250,7 @@ def main(argv: list[str] | None = None) -> dict:
         """The transfer attacker's detector, fitted when first needed."""
         nonlocal own
         if own is None:
-            xs, ys = sp["x"][transfer_idx], sp["y"][transfer_idx]
+            xs, ys = data["transfer_x"], data["transfer_y"]
             half = min(args.transfer_fit, len(xs) // 2)
             t0 = time.time()
             own = transfer.fit_own(model, torch.from_numpy(xs[:half]), torch.from_numpy(ys[:half]),
@@ -275,20 +284,8 @@ def main(argv: list[str] | None = None) -> dict:
             ctx = Context(sur, judge, budget, steps=steps, restarts=restarts, judge_every=args.judge_every,
                           log=lambda m, b=budget: log(f"{b.norm}:{b.eps} {m}"))
             t0 = time.time()
-            if name == "cw":
-                tr = cw.attack(ctx, xc, yc)
-            elif name == "orthogonal":
-                tr = orthogonal.attack(ctx, xc, yc)
-            elif name == "feature_match":
-                tr = feature_match.attack(ctx, xc, yc, pool_x=pool_x, pool_y=pool_y)
-            elif name == "multitarget":
-                tr = multitarget.attack(ctx, xc, yc)
-            elif name == "joint":
-                tr = joint.attack(ctx, xc, yc)
-            elif name == "guided":
-                tr = guided.attack(ctx, xc, yc, pool_x=pool_x, pool_y=pool_y, classes_per_input=args.guided_classes)
-            else:
-                tr = transfer.attack(ctx, xc, yc, own_detector=own_detector())
+            tr = run_attack(name, ctx, xc, yc, pool_x=pool_x, pool_y=pool_y, guided_classes=args.guided_classes,
+                            own_detector=own_detector)
             found = tr.found & budget.inside(tr.x_point, xc)
             broken_c[name] = found
             seconds[name] = round(time.time() - t0, 1)
@@ -308,6 +305,27 @@ def main(argv: list[str] | None = None) -> dict:
     _write(args.out, results)
     log(f"wrote {args.out}.json and {args.out}.md")
     return results
+
+
+def run_attack(name: str, ctx: Context, x: torch.Tensor, y: torch.Tensor, *, pool_x: torch.Tensor,
+               pool_y: torch.Tensor, guided_classes: int | None, own_detector: Callable[[], object]) -> Tracker:
+    """One attack of :data:`ATTACKS` on the correctly classified inputs x, y (``own_detector()``: the
+    transfer attacker's fitted detector, fitted on first use)."""
+    if name == "cw":
+        return cw.attack(ctx, x, y)
+    if name == "orthogonal":
+        return orthogonal.attack(ctx, x, y)
+    if name == "feature_match":
+        return feature_match.attack(ctx, x, y, pool_x=pool_x, pool_y=pool_y)
+    if name == "multitarget":
+        return multitarget.attack(ctx, x, y)
+    if name == "joint":
+        return joint.attack(ctx, x, y)
+    if name == "guided":
+        return guided.attack(ctx, x, y, pool_x=pool_x, pool_y=pool_y, classes_per_input=guided_classes)
+    if name == "transfer":
+        return transfer.attack(ctx, x, y, own_detector=own_detector())
+    raise ValueError(f"unknown attack {name!r}: one of {ATTACKS}")
 
 
 def sanity_checks(sur: Surrogate, x: torch.Tensor, y: torch.Tensor, budget: Budget, steps: int,
