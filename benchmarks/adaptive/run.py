@@ -49,7 +49,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from benchmarks.adaptive import cw, feature_match, guided, joint, multitarget, orthogonal, transfer
 from benchmarks.adaptive.common import Budget, Context, Judge, Tracker
@@ -57,7 +56,6 @@ from benchmarks.adaptive.metrics import summary
 from benchmarks.adaptive.surrogate import GGA_MODES, Surrogate
 from detectors.composite import CompositeDetector
 from detectors.datasets import load_idx_split
-from detectors.zoo import ARCHITECTURES
 
 ATTACKS = ("cw", "orthogonal", "feature_match", "multitarget", "joint", "guided", "transfer")
 SANITY_ATTACKS = ("cw", "guided")
@@ -132,24 +130,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def load_model(model_dir: Path | None) -> tuple[torch.nn.Module, dict]:
-    """(model in eval mode, frozen; its card as a dict with ``class_names``) from a folder whose
-    ``model_card.json`` names a built-in architecture, or (``model_dir`` None) as the server loads it."""
-    if model_dir is None:
-        from service.fitcli import UsageError, load_served_model
+    """(model in eval mode, frozen; its card as a dict) loaded as the server loads it: from a folder
+    whose ``model_card.json`` names a built-in architecture (with ``model.safetensors``), or (``model_dir``
+    None) from the GGA_MODEL* environment."""
+    from service.fitcli import UsageError, load_served_model
 
-        try:
-            _, _, model, served_card = load_served_model({"device": "cpu"})
-        except UsageError as exc:
-            raise SystemExit(f"cannot load the model the GGA_MODEL* environment names: {exc}") from exc
-        card = {"name": served_card.name, "class_names": list(served_card.class_names)}
-    else:
+    overrides: dict = {"device": "cpu"}
+    card: dict = {}
+    if model_dir is not None:
+        if not (model_dir / "model_card.json").is_file():
+            raise SystemExit(f"{model_dir} holds no model_card.json (and model.safetensors)")
         card = json.loads((model_dir / "model_card.json").read_text())
-        arch = card.get("architecture")
-        if arch not in ARCHITECTURES:
-            raise SystemExit(f"{model_dir}: the card's architecture must be one of {sorted(ARCHITECTURES)}, "
-                             f"got {arch!r}")
-        model = ARCHITECTURES[arch](len(card["class_names"])) if arch == "mnist_cnn" else ARCHITECTURES[arch]()
-        model.load_state_dict(load_file(str(model_dir / "model.safetensors")))
+        overrides |= {"model": str(card.get("architecture")), "model_weights": str(model_dir / "model.safetensors"),
+                      "model_card": str(model_dir / "model_card.json")}
+    try:
+        _, _, model, served_card = load_served_model(overrides)
+    except UsageError as exc:
+        raise SystemExit(f"cannot load the model ({model_dir or 'the GGA_MODEL* environment'}): {exc}") from exc
+    card = {**card, "name": served_card.name, "class_names": list(served_card.class_names)}
     model.eval()
     for prm in model.parameters():
         prm.requires_grad_(False)
